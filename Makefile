@@ -1,0 +1,31 @@
+# enginewright: `make engine` runs a recipe, `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RECIPE ?= recipes/tiny-llama.yaml
+PYTEST_ARGS ?=
+
+.PHONY: engine test plan model clean-cache
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+engine: $(STAMP)
+	$(BIN)/enginewright run $(RECIPE)
+
+plan: $(STAMP)
+	$(BIN)/enginewright plan $(RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate the shipped model (deterministic; a few minutes on 2 cores).
+model: $(STAMP)
+	$(BIN)/python scripts/train_tiny_llama.py --out models/tiny-llama
+
+clean-cache:
+	rm -rf artifacts/*

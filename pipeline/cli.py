@@ -1,0 +1,167 @@
+"""The enginewright command: a thin layer over the Python API.
+
+Progress and messages go to stderr; `run --json` prints only the report JSON on stdout.
+Exit codes: 0 success, 1 a stage failed (verification or build), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import EnginewrightError
+
+STAGES = ("load", "export", "simplify", "engine")
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and CI: do not squeeze tables to 80 columns
+        console = Console(stderr=True, width=140)
+    return console
+
+
+def _fail(exc: EnginewrightError) -> None:
+    console = _console()
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    run_dir = getattr(exc, "run_dir", None)
+    if run_dir is not None:
+        console.print(f"report: {run_dir / 'report.md'}", highlight=False)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="enginewright")
+def main() -> None:
+    """enginewright: recipes in, verified engines out."""
+
+
+cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                            help="Artifact cache (default: $ENGINEWRIGHT_CACHE or ./artifacts).")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--force", type=click.Choice(STAGES), default=None, help="Rebuild this stage and every stage after it.")
+@click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+@cache_option
+def run(recipe: Path, force: str | None, until: str | None, as_json: bool, cache_dir: Path | None) -> None:
+    """Run RECIPE: build what the cache lacks, verify every stage, write a report."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .pipeline import Pipeline
+
+    console = _console()
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                      transient=True) as progress:
+            task = progress.add_task("starting", total=None)
+
+            def say(msg: str) -> None:
+                progress.update(task, description=msg)
+                progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+            result = Pipeline.from_recipe(recipe, cache_dir, say=say).run(force=force, until=until)
+    except EnginewrightError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+    else:
+        _print_summary(console, result.report)
+    console.print(f"report: {result.run_dir / 'report.md'}", highlight=False)
+
+
+def _print_summary(console, report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report['recipe']['name']}: {report['status']} in {report['seconds']:.1f} s")
+    for col in ("stage", "cache", "s", "verify", "prefill |Δ|", "decode |Δ|", "greedy", "tok/s", "PyTorch tok/s"):
+        table.add_column(col)
+    for s in report["stages"]:
+        m = s["verify"]["metrics"]
+
+        def fmt(key, spec):
+            return spec.format(m[key]) if m.get(key) is not None else "–"
+
+        greedy = f"{m['greedy_tokens_matched']}/{m['greedy_tokens_total']}" if "greedy_tokens_total" in m else "–"
+        table.add_row(s["name"], "hit" if s["cached"] else "built", f"{s['seconds']:.2f}",
+                      "passed" if s["verify"]["passed"] else "FAILED", fmt("prefill_max_abs_diff", "{:.1e}"),
+                      fmt("decode_max_abs_diff", "{:.1e}"), greedy, fmt("decode_tokens_per_s", "{:.0f}"),
+                      fmt("baseline_decode_tokens_per_s", "{:.0f}"))
+    console.print(table)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--until", type=click.Choice(STAGES), default=None)
+@cache_option
+def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
+    """Dry run: each stage, its cache key, and hit or miss. Loads no model."""
+    from .pipeline import Pipeline
+
+    try:
+        planned = Pipeline.from_recipe(recipe, cache_dir).plan(until=until)
+    except EnginewrightError as exc:
+        _fail(exc)
+        return
+    for p in planned:
+        click.echo(f"{p.name:<9} {p.status:<8} {p.key}  {p.detail}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and trim the artifact cache."""
+
+
+@cache.command("ls")
+@cache_option
+def cache_ls(cache_dir: Path | None) -> None:
+    """List cache entries: key, stage, recipe, size, age."""
+    from .cache import entry_size
+    from .pipeline import DEFAULT_CACHE, ArtifactCache
+    import os
+
+    store = ArtifactCache(cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE)))
+    total = 0
+    for e in store.entries():
+        size = entry_size(e.path)
+        total += size
+        age_h = (time.time() - e.meta.get("created", time.time())) / 3600
+        click.echo(f"{e.key}  {e.meta.get('stage', '?'):<9} {e.meta.get('recipe', '?'):<16} "
+                   f"{size / 1e6:9.2f} MB  {age_h:7.1f} h")
+    click.echo(f"{len(store.entries())} entries, {total / 1e6:.2f} MB in {store.root}")
+
+
+@cache.command("gc")
+@click.option("--max-size", "max_size_mb", type=float, default=None,
+              help="Delete least recently created unused entries until the cache is under this many MB.")
+@click.option("--keep-runs", type=int, default=5, show_default=True,
+              help="Entries used by the newest N run reports are always kept.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted.")
+@cache_option
+def cache_gc(max_size_mb: float | None, keep_runs: int, dry_run: bool, cache_dir: Path | None) -> None:
+    """Delete entries that recent runs do not use (all of them, or down to --max-size)."""
+    import os
+
+    from .gc import collect
+    from .pipeline import DEFAULT_CACHE, ArtifactCache
+
+    store = ArtifactCache(cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE)))
+    removed, kept = collect(store, keep_runs=keep_runs, max_bytes=None if max_size_mb is None else max_size_mb * 1e6,
+                            dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for key, size in removed:
+        click.echo(f"{verb} {key} ({size / 1e6:.2f} MB)")
+    click.echo(f"{verb} {len(removed)} entries; kept {kept}")
+
+
+if __name__ == "__main__":
+    main()

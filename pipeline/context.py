@@ -1,0 +1,67 @@
+"""Per-run state passed explicitly to every stage: recipe, cache, progress, and the
+PyTorch reference (loaded at most once, and only when some stage actually has to run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .cache import ArtifactCache
+from .recipe import LoadedRecipe
+
+
+@dataclass
+class RunContext:
+    recipe: LoadedRecipe
+    cache: ArtifactCache
+    say: Callable[[str], None] = lambda msg: None
+    _model: Any = None
+    _tokenizer: Any = None
+    _reference: Any = None
+    _baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def verify_spec(self):
+        return self.recipe.recipe.verify
+
+    def reference_model(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from .runtime.torch_lm import load_hf_causal_lm
+
+            self.say("loading the PyTorch reference model")
+            self._model, self._tokenizer = load_hf_causal_lm(
+                self.recipe.model_path, self.recipe.recipe.model.trust_remote_code
+            )
+        return self._model, self._tokenizer
+
+    def tokenizer(self) -> Any:
+        return self.reference_model()[1]
+
+    def reference(self):
+        """PyTorch outputs on the verification cases, computed once per run."""
+        if self._reference is None:
+            from .runtime.torch_lm import TorchLM
+            from .verify.accuracy import build_reference
+
+            model, tokenizer = self.reference_model()
+            self.say("computing PyTorch reference outputs")
+            self._reference = build_reference(TorchLM(model), tokenizer, self.verify_spec)
+        return self._reference
+
+    def latency_prompt(self):
+        from .textdata import load_text
+        from .verify.latency import latency_prompt
+
+        text = load_text("pydoc:eval").content
+        return latency_prompt(self.tokenizer(), text, self.verify_spec.latency.prompt_tokens)
+
+    def baseline_latency(self, threads: int) -> dict[str, Any]:
+        """PyTorch eager latency with the same thread count, measured once per run."""
+        if threads not in self._baselines:
+            from .runtime.torch_lm import TorchLM
+            from .verify.latency import measure_latency
+
+            self.say(f"timing the PyTorch eager baseline ({threads or 'all'} threads)")
+            runner = TorchLM(self.reference_model()[0], threads=threads or None)
+            self._baselines[threads] = measure_latency(runner, self.latency_prompt(), self.verify_spec.latency)
+        return self._baselines[threads]

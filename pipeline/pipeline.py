@@ -1,0 +1,194 @@
+"""The pipeline: plan stages and their keys from a recipe, then run only the cache misses."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import ArtifactCache, Entry
+from .context import RunContext
+from .errors import EnginewrightError, RecipeError, VerificationError
+from .hashing import sha256_file
+from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
+from .registry import stage_class
+from .report import write_report
+from .stages.base import Stage
+from .target import cpu_fingerprint, package_version
+
+DEFAULT_CACHE = "artifacts"
+STAGE_NAMES = ("load",) + STAGE_ORDER
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    key: str
+    status: str  # hit | miss | corrupt
+    detail: str
+    stage: Stage = field(repr=False)
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    cached: bool
+    seconds: float
+    artifact: str
+    verify: dict[str, Any]
+    build_seconds: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "cached": self.cached, "seconds": round(self.seconds, 4),
+                "build_seconds": self.build_seconds, "artifact": self.artifact, "verify": self.verify}
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    stages: list[StageResult]
+    run_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.report["status"] == "ok"
+
+    def stage(self, name: str) -> StageResult:
+        return next(s for s in self.stages if s.name == name)
+
+
+class Pipeline:
+    def __init__(self, recipe: LoadedRecipe, cache_dir: str | Path | None = None,
+                 say: Callable[[str], None] | None = None):
+        self.recipe = recipe
+        root = cache_dir or os.environ.get("ENGINEWRIGHT_CACHE") or DEFAULT_CACHE
+        self.cache = ArtifactCache(Path(root))
+        self.say = say or (lambda msg: None)
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, cache_dir: str | Path | None = None,
+                    say: Callable[[str], None] | None = None) -> "Pipeline":
+        return cls(load_recipe(path), cache_dir, say)
+
+    # ---- planning ----------------------------------------------------------------------
+    def _stages(self, ctx: RunContext) -> list[Stage]:
+        from .stages.load import LoadStage
+
+        stages: list[Stage] = [LoadStage(self.recipe.recipe.model, ctx)]
+        stages += [stage_class(spec)(spec, ctx) for spec in self.recipe.recipe.stages]
+        return stages
+
+    def _context(self) -> RunContext:
+        return RunContext(recipe=self.recipe, cache=self.cache, say=self.say)
+
+    def plan(self, until: str | None = None) -> list[PlannedStage]:
+        """Every stage with its key and whether the cache holds it. Loads no model."""
+        ctx = self._context()
+        planned, parent_key = [], None
+        for stage in self._select(self._stages(ctx), until):
+            key = stage.key(parent_key)
+            status, detail = self.cache.check(key)
+            planned.append(PlannedStage(stage.name, key, status, detail, stage))
+            parent_key = key
+        return planned
+
+    def _select(self, stages: list[Stage], until: str | None) -> list[Stage]:
+        if until is None:
+            return stages
+        names = [s.name for s in stages]
+        if until not in names:
+            raise RecipeError(f"{self.recipe.path}: --until {until!r} names no stage of this recipe; "
+                              f"its stages are {', '.join(names)}")
+        return stages[: names.index(until) + 1]
+
+    # ---- running -----------------------------------------------------------------------
+    def run(self, force: str | None = None, until: str | None = None) -> RunResult:
+        """Run the recipe. `force` rebuilds that stage and every stage after it."""
+        ctx = self._context()
+        stages = self._select(self._stages(ctx), until)
+        names = [s.name for s in stages]
+        if force is not None and force not in names:
+            raise RecipeError(f"{self.recipe.path}: --force {force!r} names no stage of this recipe; "
+                              f"its stages are {', '.join(names)}")
+        forced = set(names[names.index(force):]) if force else set()
+        started = time.time()
+        self.cache.root.mkdir(parents=True, exist_ok=True)
+        self.cache.sweep_tmp()
+        results: list[StageResult] = []
+        error: EnginewrightError | None = None
+        parent: Entry | None = None
+        try:
+            for stage in stages:
+                result, parent = self._run_stage(stage, parent, stage.name in forced)
+                results.append(result)
+                if not result.verify["passed"]:
+                    raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
+        except EnginewrightError as exc:
+            error = exc
+        report = self._report(results, started, error)
+        run_dir = self.cache.root / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.recipe.recipe.name}"
+        write_report(report, run_dir)
+        if error is not None:
+            error.run_dir = run_dir  # type: ignore[attr-defined]
+            raise error
+        return RunResult(report=report, stages=results, run_dir=run_dir)
+
+    def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool) -> tuple[StageResult, Entry | None]:
+        t0 = time.perf_counter()
+        key = stage.key(parent.key if parent else None)
+        entry = None if forced else self.cache.lookup(key)
+        if entry is None:
+            with self.cache.lock(key):
+                entry = None if forced else self.cache.lookup(key)  # another process may have built it
+                if entry is None:
+                    self.say(f"{stage.name}: building")
+                    with self.cache.building(key) as tmp:
+                        stage_meta = stage.build(parent, tmp)
+                        verification = stage.verify(parent, tmp, stage_meta)
+                        seconds = time.perf_counter() - t0
+                        if not verification.passed:
+                            shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
+                            return StageResult(stage.name, key, False, seconds, "(not kept: failed verification)",
+                                               verification.to_dict(), meta=stage_meta), None
+                        meta = {
+                            "stage": stage.name, "key": key, "parent": parent.key if parent else None,
+                            "key_material": stage.key_material(parent.key if parent else None),
+                            "stage_meta": stage_meta, "verify": verification.to_dict(),
+                            "build_seconds": round(seconds, 3), "created": time.time(),
+                            "recipe": self.recipe.recipe.name,
+                        }
+                        entry = self.cache.commit(key, tmp, meta)
+                    return StageResult(stage.name, key, False, time.perf_counter() - t0, stage.describe(entry),
+                                       meta["verify"], build_seconds=meta["build_seconds"], meta=stage_meta), entry
+        self.say(f"{stage.name}: cached")
+        return StageResult(stage.name, key, True, time.perf_counter() - t0, stage.describe(entry),
+                           entry.meta["verify"], build_seconds=entry.meta.get("build_seconds"),
+                           meta=entry.meta.get("stage_meta", {})), entry
+
+    def _report(self, results: list[StageResult], started: float, error: Exception | None) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "status": "ok" if error is None else "failed",
+            "error": str(error) if error is not None else None,
+            "recipe": {"name": self.recipe.recipe.name, "path": str(self.recipe.path),
+                       "sha256": sha256_file(self.recipe.path)},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+            "host": {
+                "cpu": cpu_fingerprint(),
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+                "packages": {p: package_version(p) for p in ("torch", "transformers", "onnx", "onnxruntime",
+                                                              "onnxscript", "onnxslim", "onnxsim")},
+            },
+            "cache": {"root": str(self.cache.root),
+                      "events": [e.__dict__ for e in self.cache.events]},
+            "stages": [r.to_dict() for r in results],
+        }

@@ -1,0 +1,223 @@
+"""Recipe schema and loader.
+
+A recipe is YAML validated by strict pydantic models (unknown fields are errors). Every
+error names the file, the line where YAML gives one, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="Local Hugging Face model folder, relative to the recipe file.")
+    trust_remote_code: bool = False
+
+
+class AxisRange(Strict):
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AxisRange":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}")
+        return self
+
+
+class ExportStage(Strict):
+    type: Literal["export"]
+    opset: int = Field(default=18, ge=17, le=23)
+    external_data_threshold_mb: float = Field(
+        default=1024.0, gt=0, description="Weights above this size go to an external data file."
+    )
+
+
+class SimplifyStage(Strict):
+    type: Literal["simplify"]
+    tool: Literal["onnxslim", "onnxsim", "none"] = "onnxslim"
+
+
+class OrtEngineStage(Strict):
+    type: Literal["engine"]
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    execution_provider: Literal["CPUExecutionProvider"] = "CPUExecutionProvider"
+    graph_optimization_level: Literal["basic", "extended", "all"] = "all"
+    intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime use every core.")
+    allow_spinning: bool = Field(default=False, description="Thread spinning; off is faster on shared cores.")
+
+
+StageSpec = Annotated[Union[ExportStage, SimplifyStage, OrtEngineStage], Field(discriminator="type")]
+
+# Stages run in this order; each may appear at most once.
+STAGE_ORDER = ("export", "simplify", "engine")
+
+
+class LatencySpec(Strict):
+    warmup: int = Field(default=2, ge=0)
+    repeats: int = Field(default=5, ge=1)
+    prompt_tokens: int = Field(default=32, ge=1)
+    decode_tokens: int = Field(default=32, ge=1)
+
+
+class VerifySpec(Strict):
+    prefill_atol: float = Field(default=1e-4, gt=0)
+    decode_atol: float = Field(default=1e-4, gt=0)
+    greedy_tokens: int = Field(default=16, ge=1)
+    min_greedy_match: float = Field(
+        default=1.0, ge=0, le=1, description="Fraction of greedy tokens that must equal PyTorch's."
+    )
+    prompts: tuple[str, ...] = Field(
+        default=(
+            "The assert statement is a convenient way to insert debugging assertions",
+            "A function definition defines a user-defined function object",
+        ),
+        min_length=2,
+    )
+    latency: LatencySpec = LatencySpec()
+
+
+class Recipe(Strict):
+    schema_version: Literal[1]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model: ModelSpec
+    stages: tuple[StageSpec, ...] = Field(min_length=1)
+    verify: VerifySpec = VerifySpec()
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Recipe":
+        names = [s.type for s in self.stages]
+        for name in set(names):
+            if names.count(name) > 1:
+                raise ValueError(f"stage '{name}' appears {names.count(name)} times; each stage may appear once")
+        positions = [STAGE_ORDER.index(n) for n in names]
+        if positions != sorted(positions):
+            raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(names)}")
+        if names[0] != "export":
+            raise ValueError("the first stage must be 'export' (every later stage works on the ONNX model)")
+        return self
+
+    def stage(self, name: str):
+        return next((s for s in self.stages if s.type == name), None)
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    recipe: Recipe
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        p = Path(self.recipe.model.path)
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop the discriminator tags pydantic inserts after a list index (stages.0.export.opset)."""
+    out: list[Any] = []
+    for part in loc:
+        if out and isinstance(out[-1], int) and isinstance(part, str) and part in STAGE_ORDER:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at a field path, or of its nearest existing parent."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            nxt = node.value[part]
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return msg.replace("Input should be", "must be")
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return f"unknown stage type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"a stage needs a 'type' field; allowed: {', '.join(STAGE_ORDER)}"
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return msg[0].lower() + msg[1:]
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: a recipe is a YAML mapping with schema_version, name, model and stages; "
+            f"got {type(data).__name__}"
+        )
+    version = data.get("schema_version")
+    if version is not None and version != SCHEMA_VERSION:
+        line = _node_line(node, ("schema_version",))
+        raise RecipeError(
+            f"{source}:{line}: field 'schema_version': this enginewright reads schema_version {SCHEMA_VERSION}, "
+            f"got {version!r}"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        errors = exc.errors()
+        # a list whose items failed also reports itself too short: keep the item errors only
+        item_errors = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+        errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in item_errors)]
+        for err in errors:
+            loc = _field_path(tuple(err["loc"]))
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            line = _node_line(node, loc)
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: field '{field}': {_describe(err)}")
+        raise RecipeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found; pass the path of a YAML recipe such as recipes/tiny-llama.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    return LoadedRecipe(recipe=parse_recipe(text, str(path)), path=path.resolve())

@@ -1,0 +1,82 @@
+"""engine (onnxruntime): an offline-optimized ONNX Runtime model and its session settings.
+
+ONNX Runtime applies its graph optimizations once here and saves the result; the engine is
+then opened with optimizations off, so what ships is exactly what was verified. Optimized
+graphs at level 'all' may hold kernels chosen for this CPU, so the key carries the CPU
+fingerprint and the ONNX Runtime version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..cache import Entry
+from ..errors import StageError
+from ..runtime.ort_lm import SessionSettings
+from ..target import ort_cpu_target
+from .base import Stage, Verification
+
+
+class OrtEngineStage(Stage):
+    name = "engine"
+    version = 1
+    target_specific = True
+    tools = ("onnxruntime",)
+
+    def target(self) -> dict[str, Any]:
+        return ort_cpu_target(self.spec.execution_provider)
+
+    def build_settings(self) -> SessionSettings:
+        return SessionSettings(
+            execution_provider=self.spec.execution_provider,
+            graph_optimization_level=self.spec.graph_optimization_level,
+            intra_op_threads=self.spec.intra_op_threads,
+            allow_spinning=self.spec.allow_spinning,
+        )
+
+    def load_settings(self) -> SessionSettings:
+        return SessionSettings(
+            execution_provider=self.spec.execution_provider,
+            graph_optimization_level="disabled",
+            intra_op_threads=self.spec.intra_op_threads,
+            allow_spinning=self.spec.allow_spinning,
+        )
+
+    def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        import onnx
+        import onnxruntime as ort
+
+        src = parent.file("model.onnx")
+        external = parent.file("model.onnx.data").is_file()
+        settings = self.build_settings()
+        opts = settings.session_options(out / "model.onnx")
+        if external:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          "model.onnx.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        self.ctx.say(f"optimizing with ONNX Runtime {ort.__version__} (level {settings.graph_optimization_level})")
+        try:
+            ort.InferenceSession(str(src), sess_options=opts, providers=[settings.execution_provider])
+        except Exception as exc:
+            raise StageError(f"ONNX Runtime could not optimize {src}: {exc}") from exc
+        shutil.copy2(parent.file("io.json"), out / "io.json")
+        session = {"build": settings.to_dict(), "load": self.load_settings().to_dict(),
+                   "onnxruntime": ort.__version__}
+        (out / "session.json").write_text(json.dumps(session, indent=2) + "\n")
+        optimized = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        return {"io": parent.meta["stage_meta"]["io"], "session": session, "nodes": len(optimized.graph.node),
+                "op_types": sorted({n.op_type for n in optimized.graph.node}), "target": self.target()}
+
+    def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
+        from ..verify.onnx_check import verify_onnx_lm
+
+        v = verify_onnx_lm(self.ctx, out / "model.onnx", meta["io"], self.load_settings(),
+                           parent.file("model.onnx"), parent.meta["stage_meta"]["io"])
+        v.metrics["nodes"] = meta["nodes"]
+        return v
+
+    def describe(self, entry: Entry) -> str:
+        return str(entry.file("model.onnx"))

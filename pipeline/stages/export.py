@@ -1,0 +1,182 @@
+"""export: the PyTorch causal LM to ONNX with a KV cache and named dynamic axes.
+
+torch's dynamo exporter cannot take transformers' DynamicCache as an input, so a thin
+wrapper takes the past as flat tensors, builds the cache inside, and returns the presents
+flat. Axis names are declared here as data, written into the graph, and checked after
+export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..cache import Entry
+from ..errors import StageError
+from ..runtime.ort_lm import SessionSettings
+from .base import Stage, Verification
+
+# symbolic axis names, by input/output role
+AXES = {
+    "input_ids": ("batch", "sequence"),
+    "attention_mask": ("batch", "total_sequence"),
+    "position_ids": ("batch", "sequence"),
+    "past": ("batch", None, "past_sequence", None),
+    "logits": ("batch", "sequence", None),
+    "present": ("batch", None, "total_sequence", None),
+}
+DYNAMIC_AXES = ("batch", "sequence", "past_sequence", "total_sequence")
+
+
+def io_names(num_layers: int) -> dict[str, list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return {"inputs": ["input_ids", "attention_mask", "position_ids", *past], "past": past,
+            "outputs": ["logits", *present], "present": present}
+
+
+def _axis_role(name: str) -> str:
+    if name.startswith("past_key_values."):
+        return "past"
+    if name.startswith("present."):
+        return "present"
+    return name
+
+
+def _make_wrapper(model, num_layers: int):
+    import torch
+    from transformers import DynamicCache
+
+    class KVCacheWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return KVCacheWrapper().eval()
+
+
+def set_axis_names(ir_model, io: dict[str, Any]) -> list[str]:
+    """Write the declared symbolic names on every graph input/output (onnx_ir model); return problems."""
+    import onnx_ir as ir
+
+    problems = []
+    values = {v.name: v for v in list(ir_model.graph.inputs) + list(ir_model.graph.outputs)}
+    for name, axes in io["axes"].items():
+        value = values.get(name)
+        if value is None or value.shape is None:
+            problems.append(f"graph has no input/output named {name} with a known shape")
+            continue
+        dims = list(value.shape)
+        if len(dims) != len(axes):
+            problems.append(f"{name} has rank {len(dims)}, expected {len(axes)}")
+            continue
+        new = []
+        for dim, axis in zip(dims, axes):
+            if axis is None:
+                new.append(dim)
+            elif isinstance(dim, int):
+                problems.append(f"{name} axis '{axis}' was exported as the fixed size {dim}")
+                new.append(dim)
+            else:
+                new.append(ir.SymbolicDim(axis))
+        value.shape = ir.Shape(new)
+    return problems
+
+
+class ExportStage(Stage):
+    name = "export"
+    version = 1
+    tools = ("torch", "transformers", "onnx", "onnxscript")
+
+    def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        import torch
+        from torch.export import Dim
+
+        model_info = parent.meta["stage_meta"]["model"]
+        geo = model_info["geometry"]
+        layers, kv_heads, head_dim = geo["num_layers"], geo["kv_heads"], geo["head_dim"]
+        names = io_names(layers)
+        model, _ = self.ctx.reference_model()
+        wrapper = _make_wrapper(model, layers)
+
+        batch, seq, past_len = 2, 3, 5  # sizes above 1 so no axis is specialized
+        args = (
+            torch.randint(0, geo["vocab_size"], (batch, seq)),
+            torch.ones(batch, past_len + seq, dtype=torch.long),
+            torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
+            *[torch.zeros(batch, kv_heads, past_len, head_dim) for _ in names["past"]],
+        )
+        dims = {axis: Dim(axis) for axis in DYNAMIC_AXES}
+        past_shape = {0: dims["batch"], 2: dims["past_sequence"]}
+        dynamic_shapes = {
+            "input_ids": {0: dims["batch"], 1: dims["sequence"]},
+            "attention_mask": {0: dims["batch"], 1: dims["total_sequence"]},
+            "position_ids": {0: dims["batch"], 1: dims["sequence"]},
+            "past": tuple(past_shape for _ in names["past"]),
+        }
+        self.ctx.say(f"exporting to ONNX (opset {self.spec.opset})")
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.onnx.export(
+                    wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=self.spec.opset,
+                    input_names=names["inputs"], output_names=names["outputs"], optimize=True, verbose=False,
+                )
+            except Exception as exc:  # the exporter raises many types; keep its message
+                raise StageError(f"torch.onnx.export failed for {model_info['path']}: {exc}") from exc
+
+        io = {
+            "inputs": names["inputs"],
+            "outputs": names["outputs"],
+            "past_inputs": names["past"],
+            "present_outputs": names["present"],
+            "logits_output": "logits",
+            "num_layers": layers,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": geo["vocab_size"],
+            "dynamic_axes": list(DYNAMIC_AXES),
+            "axes": {n: AXES[_axis_role(n)] for n in names["inputs"] + names["outputs"]},
+        }
+        problems = set_axis_names(program.model, io)
+        if problems:
+            raise StageError("exported graph does not have the declared dynamic axes: " + "; ".join(problems))
+        external = model_info["weights_bytes"] > self.spec.external_data_threshold_mb * 1024 * 1024
+        with contextlib.redirect_stdout(sys.stderr):
+            program.save(str(out / "model.onnx"), external_data=external)
+        (out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+        nodes = list(program.model.graph)
+        return {"io": io, "external_data": external, "nodes": len(nodes), "opset": self.spec.opset,
+                "op_types": sorted({n.op_type for n in nodes})}
+
+    def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
+        return verify_with_engine_threads(self, out / "model.onnx", meta["io"])
+
+    def describe(self, entry: Entry) -> str:
+        return str(entry.file("model.onnx"))
+
+
+def verify_with_engine_threads(stage: Stage, model: Path, io: dict[str, Any], parent_model: Path | None = None,
+                               parent_io: dict[str, Any] | None = None) -> Verification:
+    """Verify an intermediate ONNX model with plain session settings and the engine's thread count."""
+    from ..verify.onnx_check import verify_onnx_lm
+
+    engine = stage.ctx.recipe.recipe.stage("engine")
+    threads = engine.intra_op_threads if engine is not None else 1
+    settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=threads)
+    return verify_onnx_lm(stage.ctx, model, io, settings, parent_model, parent_io)

@@ -1,0 +1,165 @@
+"""load: check a local Hugging Face model folder and key it by its content.
+
+The folder is not copied into the cache: the entry records the path and the sha256 of every
+file that defines the model (config, weights, tokenizer), and the root key is computed from
+those hashes, so any edit to the weights or config changes every key downstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..arch import arch_for
+from ..cache import Entry
+from ..errors import ModelError
+from ..hashing import chain_key, sha256_file
+from .base import Stage, Verification
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt")
+SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header sanity: the declared header fits the file and tensors end inside it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelError(f"{path}: truncated safetensors file ({size} bytes); copy the weights again")
+        header_len = int.from_bytes(raw, "little")
+        if header_len <= 0 or header_len > min(size - 8, SAFETENSORS_MAGIC_MAX_HEADER):
+            raise ModelError(f"{path}: not a valid safetensors file (header length {header_len}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise ModelError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ModelError(
+            f"{path}: truncated safetensors file: tensors need {8 + header_len + end} bytes, file has {size}; "
+            "copy the weights again"
+        )
+
+
+class HashMemo:
+    """sha256 of large files, remembered by (path, size, mtime, inode) so a plan does not reread 14 GB."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        self.dirty = False
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        memo_key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if memo_key not in self.data:
+            self.data[memo_key] = sha256_file(file)
+            self.dirty = True
+        return self.data[memo_key]
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.part")
+        tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
+    """Validate the folder without loading the model; return what the key and later stages need."""
+    if not folder.exists():
+        raise ModelError(f"{folder}: model folder not found; set model.path in the recipe to a local Hugging Face "
+                         "model folder (relative paths resolve against the recipe file)")
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model.path must be a folder, not a file")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{folder}: no config.json; this is not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelError(
+            f"{config_path}: this model needs its own Python code (auto_map); enginewright runs it only if the "
+            "recipe sets model.trust_remote_code: true, after you have read that code"
+        )
+    arch = arch_for(config, str(config_path))
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
+        raise ModelError(f"{folder}: no *.safetensors weights{hint}")
+    for w in weights:
+        _check_safetensors(w)
+    tokenizer = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not any(n in tokenizer for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        raise ModelError(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model, vocab.json or vocab.txt); "
+                         "save the tokenizer into the model folder with tokenizer.save_pretrained(folder)")
+    files = [n for n in CONFIG_FILES if (folder / n).is_file()] + [w.name for w in weights] + tokenizer
+    geometry = arch.geometry(config)
+    return {
+        "path": str(folder),
+        "files": files,
+        "model_type": config["model_type"],
+        "family": arch.family,
+        "geometry": geometry.__dict__,
+        "weights_bytes": sum(w.stat().st_size for w in weights),
+    }
+
+
+class LoadStage(Stage):
+    name = "load"
+    version = 1
+    verified = False
+
+    def __init__(self, spec, ctx):
+        super().__init__(spec, ctx)
+        self._info: dict[str, Any] | None = None
+        self._hashes: dict[str, str] | None = None
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = inspect_model(self.ctx.recipe.model_path, self.spec.trust_remote_code)
+        return self._info
+
+    def content_hashes(self) -> dict[str, str]:
+        if self._hashes is None:
+            folder = Path(self.info()["path"])
+            memo = HashMemo(self.ctx.cache.root / ".hashmemo.json")
+            self._hashes = {name: memo.sha256(folder / name) for name in self.info()["files"]}
+            memo.save()
+        return self._hashes
+
+    def key_material(self, parent_key: str | None) -> dict[str, Any]:
+        # the model's location does not matter, only its content
+        return {"stage": self.name, "stage_version": self.version, "content": self.content_hashes(),
+                "trust_remote_code": self.spec.trust_remote_code}
+
+    def key(self, parent_key: str | None) -> str:
+        return chain_key(self.key_material(parent_key))
+
+    def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        info = dict(self.info())
+        info["sha256"] = self.content_hashes()
+        (out / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return {"model": info}
+
+    def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
+        model, _ = self.ctx.reference_model()
+        n_params = sum(p.numel() for p in model.parameters())
+        return Verification(passed=True, metrics={"parameters": int(n_params)},
+                            notes=["loaded with transformers from safetensors"])
+
+    def describe(self, entry: Entry) -> str:
+        return entry.meta.get("stage_meta", {}).get("model", {}).get("path", str(entry.path))

@@ -1,0 +1,62 @@
+"""Verification shared by every stage whose artifact is an ONNX causal LM.
+
+Accuracy against the PyTorch reference (prefill, padded prefill, decode with past, greedy
+tokens), drift against the stage before (same inputs, both ONNX), and latency beside the
+PyTorch eager baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..context import RunContext
+from ..runtime.base import position_ids_from_mask
+from ..runtime.ort_lm import OrtLM, SessionSettings
+from ..stages.base import Verification
+from .accuracy import check_accuracy
+from .latency import measure_latency
+
+
+def _padded_prefill(runner: OrtLM, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    logits, _ = runner.forward(ids, mask, position_ids_from_mask(mask), runner.empty_past(ids.shape[0]))
+    return logits
+
+
+def verify_onnx_lm(
+    ctx: RunContext,
+    model: Path,
+    io: dict[str, Any],
+    settings: SessionSettings,
+    parent_model: Path | None = None,
+    parent_io: dict[str, Any] | None = None,
+) -> Verification:
+    spec = ctx.verify_spec
+    ref = ctx.reference()
+    ctx.say(f"verifying {model.name}: accuracy")
+    runner = OrtLM(model, io, settings)
+    try:
+        metrics, failures = check_accuracy(runner, ref, spec)
+        if parent_model is not None:
+            parent = OrtLM(parent_model, parent_io or io, settings)
+            try:
+                mine = _padded_prefill(runner, ref.b2_ids, ref.b2_mask)
+                theirs = _padded_prefill(parent, ref.b2_ids, ref.b2_mask)
+                where = ref.b2_mask.astype(bool)
+                metrics["vs_previous_stage_max_abs_diff"] = float(np.abs(mine - theirs)[where].max())
+            finally:
+                parent.close()
+        ctx.say(f"verifying {model.name}: latency")
+        latency = measure_latency(runner, ctx.latency_prompt(), spec.latency)
+    finally:
+        runner.close()
+    baseline = ctx.baseline_latency(settings.intra_op_threads)
+    metrics.update(latency)
+    metrics["threads"] = settings.intra_op_threads
+    metrics["baseline_decode_tokens_per_s"] = baseline.get("decode_tokens_per_s")
+    metrics["baseline_prefill_ms"] = baseline["prefill_ms"]
+    if metrics.get("decode_tokens_per_s") and baseline.get("decode_tokens_per_s"):
+        metrics["decode_speedup_vs_baseline"] = metrics["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
+    return Verification(passed=not failures, metrics=metrics, failures=failures)
