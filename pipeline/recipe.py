@@ -70,7 +70,7 @@ class LatencySpec(Strict):
     warmup: int = Field(default=2, ge=0)
     repeats: int = Field(default=5, ge=1)
     prompt_tokens: int = Field(default=32, ge=1)
-    decode_tokens: int = Field(default=32, ge=1)
+    decode_tokens: int = Field(default=32, ge=2)
 
 
 class VerifySpec(Strict):

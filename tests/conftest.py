@@ -1,0 +1,63 @@
+"""Shared fixtures: the shipped model, tiny random models built from config, temp caches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = ROOT / "models" / "tiny-llama"
+DEFAULT_RECIPE = ROOT / "recipes" / "tiny-llama.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def write_recipe(path: Path, model: Path, stages: str | None = None, verify: str | None = None,
+                 name: str = "test") -> Path:
+    stages = stages or """
+  - type: export
+  - type: simplify
+    tool: onnxslim
+  - type: engine
+    intra_op_threads: 1
+"""
+    verify = verify or """
+  greedy_tokens: 8
+  latency: {warmup: 1, repeats: 2, prompt_tokens: 16, decode_tokens: 8}
+"""
+    path.write_text(f"schema_version: 1\nname: {name}\nmodel:\n  path: {model}\nstages:{stages}verify:{verify}")
+    return path
+
+
+def build_random_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random-weight LLaMA with the shipped tokenizer: enough for parity tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(SHIPPED_MODEL / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_llama(tmp_path_factory) -> Path:
+    return build_random_llama(tmp_path_factory.mktemp("models") / "random-llama")
+
+
+@pytest.fixture(scope="session")
+def shipped_run(tmp_path_factory):
+    """One full run of the default recipe on the shipped model, in a fresh cache (shared by tests)."""
+    from pipeline import Pipeline
+
+    cache = tmp_path_factory.mktemp("cache-shipped")
+    result = Pipeline.from_recipe(DEFAULT_RECIPE, cache_dir=cache).run()
+    return result, cache
