@@ -81,3 +81,22 @@ def test_mha_model_exports(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", folder, stages="\n  - type: export\n    opset: 23\n")
     result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
     assert result.stage("export").verify["passed"]
+
+
+def test_external_data_through_every_stage(tmp_path, random_llama):
+    """The >2 GB path (weights in model.onnx.data) exercised on a tiny model by lowering the threshold."""
+    from pathlib import Path
+
+    recipe = write_recipe(tmp_path / "r.yaml", random_llama, stages="""
+  - type: export
+    external_data_threshold_mb: 0.01
+  - type: simplify
+    tool: onnxslim
+  - type: engine
+""")
+    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    for name in ("export", "simplify", "engine"):
+        folder = Path(result.stage(name).artifact).parent
+        assert (folder / "model.onnx.data").is_file(), name
+        assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size, name
+        assert result.stage(name).verify["passed"]
