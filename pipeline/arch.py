@@ -23,25 +23,41 @@ class KVGeometry:
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """How to read one family's config. KV tensors are [batch, kv_heads, sequence, head_dim]."""
+
     model_type: str
     family: str
-    # KV cache tensors are [batch, kv_heads, sequence, head_dim] in every family listed here.
+    layers: str = "num_hidden_layers"
+    heads: str = "num_attention_heads"
+    hidden: str = "hidden_size"
+    kv_heads: str | None = "num_key_value_heads"  # None: plain multi-head attention
+    positions: str = "rotary"  # how the family encodes positions (documentation for the support table)
 
     def geometry(self, config: dict[str, Any]) -> KVGeometry:
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        return KVGeometry(
-            num_layers=config["num_hidden_layers"],
-            kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            vocab_size=config["vocab_size"],
-        )
+        heads = config[self.heads]
+        head_dim = config.get("head_dim") or config[self.hidden] // heads
+        kv_heads = (config.get(self.kv_heads) if self.kv_heads else None) or heads
+        return KVGeometry(num_layers=config[self.layers], kv_heads=kv_heads, head_dim=head_dim,
+                          vocab_size=config["vocab_size"])
 
 
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama", "LLaMA"),
+        ArchSpec("mistral", "Mistral"),
+        ArchSpec("qwen2", "Qwen2"),
+        ArchSpec("qwen3", "Qwen3"),
+        ArchSpec("phi3", "Phi-3"),
+        ArchSpec("phi", "Phi-1/2", positions="partial rotary"),
+        ArchSpec("gemma2", "Gemma 2"),
+        ArchSpec("gemma3_text", "Gemma 3 (text)"),
+        ArchSpec("olmo2", "OLMo 2"),
+        ArchSpec("granite", "Granite"),
+        ArchSpec("stablelm", "StableLM", positions="partial rotary"),
+        ArchSpec("gpt_neox", "GPT-NeoX", kv_heads=None, positions="partial rotary"),
+        ArchSpec("gpt2", "GPT-2", layers="n_layer", heads="n_head", hidden="n_embd", kv_heads=None,
+                 positions="learned"),
     )
 }
 
@@ -55,3 +71,15 @@ def arch_for(config: dict[str, Any], where: str) -> ArchSpec:
             "To add a family, add an ArchSpec entry to pipeline/arch.py and a parity test for it."
         )
     return ARCHS[model_type]
+
+
+def support_table() -> str:
+    """The README's support table, rendered from the registry (every entry has a parity test in
+    tests/test_families.py; tests/test_readme.py checks the README carries this exact table)."""
+    rows = ["| family | model_type | positions | export + KV cache | simplify | ONNX Runtime engine | INT8 | INT4 "
+            "| verified on |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for spec in ARCHS.values():
+        rows.append(f"| {spec.family} | `{spec.model_type}` | {spec.positions} | yes | yes | yes | not yet | not yet "
+                    "| ONNX Runtime CPU, against PyTorch eager |")
+    return "\n".join(rows)

@@ -57,7 +57,7 @@ def _make_wrapper(model, num_layers: int):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache()  # full-length layers: presents always span total_sequence
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
