@@ -51,8 +51,10 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
 @click.option("--force", type=click.Choice(STAGES), default=None, help="Rebuild this stage and every stage after it.")
 @click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+@click.option("--no-memory-check", is_flag=True, help="Build even if a stage's memory estimate exceeds what is free.")
 @cache_option
-def run(recipe: Path, force: str | None, until: str | None, as_json: bool, cache_dir: Path | None) -> None:
+def run(recipe: Path, force: str | None, until: str | None, as_json: bool, no_memory_check: bool,
+        cache_dir: Path | None) -> None:
     """Run RECIPE: build what the cache lacks, verify every stage, write a report."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -68,7 +70,7 @@ def run(recipe: Path, force: str | None, until: str | None, as_json: bool, cache
                 progress.update(task, description=msg)
                 progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
 
-            result = Pipeline.from_recipe(recipe, cache_dir, say=say).run(force=force, until=until)
+            result = Pipeline.from_recipe(recipe, cache_dir, say=say).run(force=force, until=until, check_memory=not no_memory_check)
     except EnginewrightError as exc:
         _fail(exc)
         return
@@ -112,8 +114,17 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
     except EnginewrightError as exc:
         _fail(exc)
         return
+    from .memory import available_bytes, gib
+
+    have = available_bytes()
+    click.echo(f"{'stage':<9} {'cache':<8} {'peak memory (est.)':<19} key")
     for p in planned:
-        click.echo(f"{p.name:<9} {p.status:<8} {p.key}  {p.detail}")
+        click.echo(f"{p.name:<9} {p.status:<8} {gib(p.peak_memory_bytes):<19} {p.key}  {p.detail}")
+    if have is not None:
+        worst = max(p.peak_memory_bytes for p in planned if p.status != "hit") if any(
+            p.status != "hit" for p in planned) else 0
+        verdict = "fits" if worst <= have else "DOES NOT FIT: run refuses it (or --no-memory-check)"
+        click.echo(f"memory available: {gib(have)}; largest stage to build: {gib(worst)}: {verdict}")
 
 
 @main.group()

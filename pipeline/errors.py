@@ -37,5 +37,11 @@ class VerificationError(EnginewrightError):
         super().__init__(f"stage '{stage}' failed verification: " + "; ".join(failures))
 
 
+class ResourceError(EnginewrightError):
+    """This machine lacks what a stage needs (memory, disk); nothing was written."""
+
+    exit_code = 2
+
+
 class CacheError(EnginewrightError):
     """The artifact cache cannot be used (permissions, a lock, a broken entry that cannot be moved)."""

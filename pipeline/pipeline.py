@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 from .cache import ArtifactCache, Entry
 from .context import RunContext
-from .errors import EnginewrightError, RecipeError, VerificationError
+from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
+from .memory import available_bytes, gib, peak_bytes
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import stage_class
 from .report import write_report
@@ -31,6 +32,7 @@ class PlannedStage:
     key: str
     status: str  # hit | miss | corrupt
     detail: str
+    peak_memory_bytes: int  # estimate while building and verifying (pipeline/memory.py)
     stage: Stage = field(repr=False)
 
 
@@ -92,12 +94,27 @@ class Pipeline:
         """Every stage with its key and whether the cache holds it. Loads no model."""
         ctx = self._context()
         planned, parent_key = [], None
-        for stage in self._select(self._stages(ctx), until):
+        stages = self._select(self._stages(ctx), until)
+        for stage in stages:
             key = stage.key(parent_key)
             status, detail = self.cache.check(key)
-            planned.append(PlannedStage(stage.name, key, status, detail, stage))
+            planned.append(PlannedStage(stage.name, key, status, detail, self._peak_memory(stages[0], stage), stage))
             parent_key = key
         return planned
+
+    @staticmethod
+    def _peak_memory(load_stage: Stage, stage: Stage) -> int:
+        return peak_bytes(load_stage.info(), stage.memory_factor)
+
+    def _check_memory(self, load_stage: Stage, stage: Stage) -> None:
+        need = self._peak_memory(load_stage, stage)
+        have = available_bytes()
+        if have is not None and need > have:
+            raise ResourceError(
+                f"stage '{stage.name}' needs about {gib(need)} of memory for {self.recipe.model_path} "
+                f"(1 GiB runtime + float32 weights x {stage.memory_factor}) and this machine has {gib(have)} available; "
+                "run it on a larger machine, or pass check_memory=False / --no-memory-check to try anyway"
+            )
 
     def _select(self, stages: list[Stage], until: str | None) -> list[Stage]:
         if until is None:
@@ -109,8 +126,11 @@ class Pipeline:
         return stages[: names.index(until) + 1]
 
     # ---- running -----------------------------------------------------------------------
-    def run(self, force: str | None = None, until: str | None = None) -> RunResult:
-        """Run the recipe. `force` rebuilds that stage and every stage after it."""
+    def run(self, force: str | None = None, until: str | None = None, check_memory: bool = True) -> RunResult:
+        """Run the recipe. `force` rebuilds that stage and every stage after it.
+
+        Before a stage is built, its peak-memory estimate is checked against the memory available
+        (unless check_memory is False)."""
         ctx = self._context()
         stages = self._select(self._stages(ctx), until)
         names = [s.name for s in stages]
@@ -125,8 +145,9 @@ class Pipeline:
         error: EnginewrightError | None = None
         parent: Entry | None = None
         try:
+            memory_check = (lambda stage: self._check_memory(stages[0], stage)) if check_memory else None
             for stage in stages:
-                result, parent = self._run_stage(stage, parent, stage.name in forced)
+                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check)
                 results.append(result)
                 if not result.verify["passed"]:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
@@ -140,7 +161,8 @@ class Pipeline:
             raise error
         return RunResult(report=report, stages=results, run_dir=run_dir)
 
-    def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool) -> tuple[StageResult, Entry | None]:
+    def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool,
+                   memory_check: Callable[[Stage], None] | None) -> tuple[StageResult, Entry | None]:
         t0 = time.perf_counter()
         key = stage.key(parent.key if parent else None)
         entry = None if forced else self.cache.lookup(key)
@@ -148,10 +170,18 @@ class Pipeline:
             with self.cache.lock(key):
                 entry = None if forced else self.cache.lookup(key)  # another process may have built it
                 if entry is None:
+                    if memory_check is not None:
+                        memory_check(stage)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
-                        stage_meta = stage.build(parent, tmp)
-                        verification = stage.verify(parent, tmp, stage_meta)
+                        try:
+                            stage_meta = stage.build(parent, tmp)
+                            verification = stage.verify(parent, tmp, stage_meta)
+                        except OSError as exc:
+                            raise StageError(
+                                f"stage '{stage.name}' could not write its artifact under {self.cache.root}: "
+                                f"{exc.strerror or exc}; free disk space or point --cache-dir at a larger disk "
+                                "(nothing was cached for this stage)") from exc
                         seconds = time.perf_counter() - t0
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached

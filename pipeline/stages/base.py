@@ -36,6 +36,8 @@ class Stage(ABC):
     tools: ClassVar[tuple[str, ...]] = ()
     # whether the recipe's verify section shapes this stage's verification: part of the key
     verified: ClassVar[bool] = True
+    # peak memory while building and verifying, as a multiple of the float32 weights (pipeline/memory.py)
+    memory_factor: ClassVar[float] = 3.0
 
     def __init__(self, spec: Any, ctx: RunContext):
         self.spec = spec

@@ -115,6 +115,7 @@ def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
         "family": arch.family,
         "geometry": geometry.__dict__,
         "weights_bytes": sum(w.stat().st_size for w in weights),
+        "dtype": str(config.get("dtype") or config.get("torch_dtype") or "float32"),
     }
 
 
@@ -122,6 +123,7 @@ class LoadStage(Stage):
     name = "load"
     version = 1
     verified = False
+    memory_factor = 1.5
 
     def __init__(self, spec, ctx):
         super().__init__(spec, ctx)

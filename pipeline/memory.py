@@ -1,0 +1,43 @@
+"""Peak-memory estimates, so a model too large for this machine is refused by `plan` and
+before a stage starts, not discovered by an out-of-memory kill.
+
+An estimate is a fixed runtime overhead (torch, transformers and ONNX Runtime imported) plus
+a multiple of the model's weights held in float32, the dtype every stage loads the PyTorch
+model in today. Each stage declares its multiple (`Stage.memory_factor`): export holds the
+model, its traced program and the ONNX graph at once; verification holds the PyTorch
+reference and an ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+
+
+RUNTIME_OVERHEAD_BYTES = 1024**3
+
+
+def peak_bytes(model_info: dict[str, Any], factor: float) -> int:
+    return RUNTIME_OVERHEAD_BYTES + int(fp32_weight_bytes(model_info) * factor)
+
+
+def fp32_weight_bytes(model_info: dict[str, Any]) -> int:
+    stored = DTYPE_BYTES.get(model_info.get("dtype", "float32"), 4)
+    return int(model_info["weights_bytes"] * 4 / stored)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
