@@ -15,7 +15,7 @@ import click
 
 from .errors import EnginewrightError
 
-STAGES = ("load", "export", "simplify", "engine")
+STAGES = ("load", "export", "simplify", "precision", "engine")
 
 
 def _console():

@@ -26,18 +26,6 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
 
 
-class AxisRange(Strict):
-    min: int = Field(ge=0)
-    opt: int = Field(ge=0)
-    max: int = Field(ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "AxisRange":
-        if not self.min <= self.opt <= self.max:
-            raise ValueError(f"needs min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}")
-        return self
-
-
 class ExportStage(Strict):
     type: Literal["export"]
     opset: int = Field(default=18, ge=17, le=23)
@@ -51,6 +39,60 @@ class SimplifyStage(Strict):
     tool: Literal["onnxslim", "onnxsim", "none"] = "onnxslim"
 
 
+class StageVerify(Strict):
+    """Per-stage verification thresholds; they hold for this stage and every later one."""
+
+    prefill_atol: float | None = Field(default=None, gt=0)
+    decode_atol: float | None = Field(default=None, gt=0)
+    min_greedy_match: float | None = Field(default=None, ge=0, le=1)
+    max_kl_mean: float | None = Field(default=None, gt=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class CalibrationSpec(Strict):
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=16, ge=1, le=4096)
+    seq_len: int = Field(default=64, ge=8, le=8192)
+    seed: int = 0
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+
+
+# Thresholds a precision mode starts from (the recipe's verify section and the stage's own
+# verify override them). Logit differences are not checked for INT8: KL and top-1 are.
+PRECISION_VERIFY_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "fp16": {"prefill_atol": 5e-2, "decode_atol": 5e-2, "min_greedy_match": 0.5, "max_kl_mean": 1e-3,
+             "min_top1_agreement": 0.97},
+    "int8-dynamic": {"prefill_atol": None, "decode_atol": None, "min_greedy_match": 0.0, "max_kl_mean": 0.05,
+                     "min_top1_agreement": 0.85},
+    "int8-qdq": {"prefill_atol": None, "decode_atol": None, "min_greedy_match": 0.0, "max_kl_mean": 0.05,
+                 "min_top1_agreement": 0.85},
+}
+
+
+class PrecisionStage(Strict):
+    type: Literal["precision"]
+    mode: Literal["fp16", "int8-dynamic", "int8-qdq"]
+    target: Literal["cpu", "tensorrt"] = Field(
+        default="cpu", description="INT8 activations: unsigned on CPU (fast kernels), signed symmetric for TensorRT.")
+    per_channel: bool = True
+    quantize_lm_head: bool = False
+    keep_io_fp32: bool = True
+    fp32_op_types: tuple[str, ...] = Field(
+        default=("RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization", "Softmax", "Pow",
+                 "ReduceMean", "Sqrt", "Reciprocal"),
+        description="FP16: op types kept in FP32 (norms, softmax).")
+    calibration: CalibrationSpec | None = None
+    verify: StageVerify | None = None
+
+    @model_validator(mode="after")
+    def _calibration(self) -> "PrecisionStage":
+        if self.mode == "int8-qdq" and self.calibration is None:
+            raise ValueError("mode int8-qdq needs a calibration section (text, samples, seq_len, seed, method)")
+        if self.mode != "int8-qdq" and self.calibration is not None:
+            raise ValueError(f"mode {self.mode} does not calibrate; remove the calibration section")
+        return self
+
+
 class OrtEngineStage(Strict):
     type: Literal["engine"]
     backend: Literal["onnxruntime"] = "onnxruntime"
@@ -60,10 +102,10 @@ class OrtEngineStage(Strict):
     allow_spinning: bool = Field(default=False, description="Thread spinning; off is faster on shared cores.")
 
 
-StageSpec = Annotated[Union[ExportStage, SimplifyStage, OrtEngineStage], Field(discriminator="type")]
+StageSpec = Annotated[Union[ExportStage, SimplifyStage, PrecisionStage, OrtEngineStage], Field(discriminator="type")]
 
 # Stages run in this order; each may appear at most once.
-STAGE_ORDER = ("export", "simplify", "engine")
+STAGE_ORDER = ("export", "simplify", "precision", "engine")
 
 
 class LatencySpec(Strict):
@@ -74,12 +116,17 @@ class LatencySpec(Strict):
 
 
 class VerifySpec(Strict):
-    prefill_atol: float = Field(default=1e-4, gt=0)
-    decode_atol: float = Field(default=1e-4, gt=0)
+    prefill_atol: float | None = Field(default=1e-4, gt=0, description="null: not checked")
+    decode_atol: float | None = Field(default=1e-4, gt=0, description="null: not checked")
     greedy_tokens: int = Field(default=16, ge=1)
     min_greedy_match: float = Field(
         default=1.0, ge=0, le=1, description="Fraction of greedy tokens that must equal PyTorch's."
     )
+    max_kl_mean: float | None = Field(default=None, gt=0, description="Mean KL(PyTorch || stage) on held-out text.")
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    eval_text: str = "pydoc:eval"
+    eval_windows: int = Field(default=4, ge=1, le=256)
+    eval_window_tokens: int = Field(default=64, ge=8, le=8192)
     prompts: tuple[str, ...] = Field(
         default=(
             "The assert statement is a convenient way to insert debugging assertions",
@@ -112,6 +159,24 @@ class Recipe(Strict):
 
     def stage(self, name: str):
         return next((s for s in self.stages if s.type == name), None)
+
+    def verify_for(self, name: str) -> VerifySpec:
+        """Thresholds for one stage: the verify section, then each earlier stage's precision defaults
+        and verify overrides in order, up to and including this stage."""
+        spec = self.verify
+        for stage in self.stages:
+            updates: dict[str, Any] = {}
+            if isinstance(stage, PrecisionStage):
+                explicit = self.verify.model_fields_set
+                updates.update({k: v for k, v in PRECISION_VERIFY_DEFAULTS[stage.mode].items() if k not in explicit})
+            override = getattr(stage, "verify", None)
+            if override is not None:
+                updates.update({k: getattr(override, k) for k in override.model_fields_set})
+            if updates:
+                spec = spec.model_copy(update=updates)
+            if stage.type == name:
+                break
+        return spec
 
 
 class LoadedRecipe(BaseModel):

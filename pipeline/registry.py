@@ -9,6 +9,7 @@ STAGES: dict[str, str] = {
     "load": "pipeline.stages.load:LoadStage",
     "export": "pipeline.stages.export:ExportStage",
     "simplify": "pipeline.stages.simplify:SimplifyStage",
+    "precision": "pipeline.stages.precision:PrecisionStage",
     "engine:onnxruntime": "pipeline.stages.engine_ort:OrtEngineStage",
 }
 

@@ -43,6 +43,11 @@ class Stage(ABC):
         self.spec = spec
         self.ctx = ctx
 
+    @property
+    def verify_spec(self):
+        """This stage's thresholds (recipe verify section plus earlier stages' overrides)."""
+        return self.ctx.recipe.recipe.verify_for(self.name)
+
     def config(self) -> dict[str, Any]:
         return self.spec.model_dump(mode="json") if self.spec is not None else {}
 
@@ -60,7 +65,7 @@ class Stage(ABC):
         if self.target_specific:
             material["target"] = self.target()
         if self.verified:
-            material["verify"] = self.ctx.verify_spec.model_dump(mode="json")
+            material["verify"] = self.verify_spec.model_dump(mode="json")
         return material
 
     def key(self, parent_key: str | None) -> str:

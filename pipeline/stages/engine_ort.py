@@ -73,7 +73,7 @@ class OrtEngineStage(Stage):
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         from ..verify.onnx_check import verify_onnx_lm
 
-        v = verify_onnx_lm(self.ctx, out / "model.onnx", meta["io"], self.load_settings(),
+        v = verify_onnx_lm(self.ctx, self.verify_spec, out / "model.onnx", meta["io"], self.load_settings(),
                            parent.file("model.onnx"), parent.meta["stage_meta"]["io"])
         v.metrics["nodes"] = meta["nodes"]
         return v

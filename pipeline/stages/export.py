@@ -179,4 +179,4 @@ def verify_with_engine_threads(stage: Stage, model: Path, io: dict[str, Any], pa
     engine = stage.ctx.recipe.recipe.stage("engine")
     threads = engine.intra_op_threads if engine is not None else 1
     settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=threads)
-    return verify_onnx_lm(stage.ctx, model, io, settings, parent_model, parent_io)
+    return verify_onnx_lm(stage.ctx, stage.verify_spec, model, io, settings, parent_model, parent_io)

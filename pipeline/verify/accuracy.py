@@ -27,6 +27,8 @@ class Reference:
     decode_logits: np.ndarray
     greedy_prompt: np.ndarray
     greedy_tokens: list[int]
+    eval_windows: np.ndarray  # [n, L] held-out token windows
+    eval_logprobs: np.ndarray  # [n, L, vocab] reference log-probabilities
 
 
 def encode_prompts(tokenizer: Any, prompts: tuple[str, ...]) -> list[list[int]]:
@@ -66,8 +68,41 @@ def build_reference(runner: CausalLMRunner, tokenizer: Any, spec: VerifySpec) ->
     decode_logits, _ = runner.forward(next_ids, dec_mask, dec_pos, past)
 
     greedy = runner.generate(b1_ids, spec.greedy_tokens)
+    windows = eval_windows(tokenizer, spec)
     return Reference(b1_ids, b1_logits, b2_ids, b2_mask, b2_logits, next_ids, decode_logits, b1_ids,
-                     greedy.tokens)
+                     greedy.tokens, windows, window_logprobs(runner, windows))
+
+
+def eval_windows(tokenizer: Any, spec: VerifySpec) -> np.ndarray:
+    """Consecutive windows from the start of the held-out text (deterministic)."""
+    from ..calibration import calibration_windows
+
+    return calibration_windows(tokenizer, spec.eval_text, spec.eval_windows, spec.eval_window_tokens, seed=0,
+                               where="verify.eval").windows
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def window_logprobs(runner: CausalLMRunner, windows: np.ndarray) -> np.ndarray:
+    out = []
+    for row in windows:
+        ids = row[None, :]
+        mask = np.ones_like(ids)
+        logits, _ = runner.forward(ids, mask, position_ids_from_mask(mask), runner.empty_past(1))
+        out.append(log_softmax(logits[0]).astype(np.float32))
+    return np.stack(out)
+
+
+def distribution_metrics(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> dict[str, float]:
+    """Mean KL(reference || candidate) per token, and top-1 agreement."""
+    p = np.exp(ref_logprobs.astype(np.float64))
+    kl = (p * (ref_logprobs.astype(np.float64) - logprobs.astype(np.float64))).sum(-1)
+    top1 = np.argmax(ref_logprobs, -1) == np.argmax(logprobs, -1)
+    return {"kl_mean": float(kl.mean()), "top1_agreement": float(top1.mean())}
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
@@ -109,6 +144,7 @@ def check_accuracy(
         np.argmax(b2_logits, -1)[ref.b2_mask.astype(bool)] == np.argmax(ref.b2_logits, -1)[ref.b2_mask.astype(bool)]
     ))
     metrics = {
+        **distribution_metrics(ref.eval_logprobs, window_logprobs(runner, ref.eval_windows)),
         "prefill_max_abs_diff": max(prefill_b1, prefill_b2),
         "prefill_b1_max_abs_diff": prefill_b1,
         "prefill_b2_padded_max_abs_diff": prefill_b2,
@@ -118,11 +154,16 @@ def check_accuracy(
         "greedy_tokens_total": total,
     }
     failures = []
-    if not metrics["prefill_max_abs_diff"] <= spec.prefill_atol:
+    if spec.prefill_atol is not None and not metrics["prefill_max_abs_diff"] <= spec.prefill_atol:
         failures.append(f"prefill logits differ by {metrics['prefill_max_abs_diff']:.3g} > prefill_atol "
                         f"{spec.prefill_atol:g}")
-    if not decode <= spec.decode_atol:
+    if spec.decode_atol is not None and not decode <= spec.decode_atol:
         failures.append(f"decode logits differ by {decode:.3g} > decode_atol {spec.decode_atol:g}")
+    if spec.max_kl_mean is not None and not metrics["kl_mean"] <= spec.max_kl_mean:
+        failures.append(f"kl_mean {metrics['kl_mean']:.3g} on held-out text > max_kl_mean {spec.max_kl_mean:g}")
+    if spec.min_top1_agreement is not None and not metrics["top1_agreement"] >= spec.min_top1_agreement:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < min_top1_agreement "
+                        f"{spec.min_top1_agreement:g}")
     need = int(np.ceil(spec.min_greedy_match * total))
     if matched < need:
         failures.append(f"greedy generation matched {matched}/{total} tokens before diverging; "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..context import RunContext
+from ..recipe import VerifySpec
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
 from ..stages.base import Verification
@@ -27,13 +28,13 @@ def _padded_prefill(runner: OrtLM, ids: np.ndarray, mask: np.ndarray) -> np.ndar
 
 def verify_onnx_lm(
     ctx: RunContext,
+    spec: VerifySpec,
     model: Path,
     io: dict[str, Any],
     settings: SessionSettings,
     parent_model: Path | None = None,
     parent_io: dict[str, Any] | None = None,
 ) -> Verification:
-    spec = ctx.verify_spec
     ref = ctx.reference()
     ctx.say(f"verifying {model.name}: accuracy")
     runner = OrtLM(model, io, settings)

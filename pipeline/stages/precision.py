@@ -1,0 +1,191 @@
+"""precision: FP16, dynamic INT8 or static INT8 Q/DQ, made once on the ONNX graph.
+
+Precision lives in the graph itself (tensor types and explicit QuantizeLinear /
+DequantizeLinear nodes), which is what ONNX Runtime reads and what TensorRT 11 requires.
+Only weight MatMuls are quantized (B is a 2-D initializer); rotary/position MatMuls and
+attention-score MatMuls never are, and the LM head only if the recipe asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cache import Entry
+from ..calibration import calibration_windows, text_identity
+from ..errors import StageError
+from ..runtime.base import position_ids_from_mask
+from ..runtime.ort_lm import OrtLM, SessionSettings
+from .base import Stage, Verification
+from .export import verify_with_engine_threads
+from .simplify import save_model
+
+
+def weight_matmuls(model, logits_output: str, include_lm_head: bool) -> list[str]:
+    """Names of MatMul/Gemm nodes that multiply an activation by a 2-D weight initializer."""
+    inits = {i.name: i for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        a, b = node.input[0], node.input[1]
+        weight = inits.get(b)
+        if weight is None or a in inits or len(weight.dims) != 2 or min(weight.dims) < 2:
+            continue
+        if node.output[0] == logits_output and not include_lm_head:
+            continue
+        names.append(node.name)
+    return names
+
+
+@contextlib.contextmanager
+def ragged_histograms():
+    """ONNX Runtime's histogram collector (Percentile, Entropy) stacks each tensor's calibration
+    outputs with np.asarray, which fails when feeds have different shapes (prefill and decode
+    feeds always do). Histograms need only the values, so hand it one flat array per tensor.
+    Restored on exit."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    original = HistogramCollector.collect
+
+    def collect(self, name_to_arr):
+        flat = {name: np.concatenate([np.asarray(a).ravel() for a in arrs]) if isinstance(arrs, list) else arrs
+                for name, arrs in name_to_arr.items()}
+        return original(self, flat)
+
+    HistogramCollector.collect = collect
+    try:
+        yield
+    finally:
+        HistogramCollector.collect = original
+
+
+class KVCalibrationReader:
+    """Feeds each calibration window twice: a prefill of its first half with an empty past, and its
+    second half as a continuation with the real past from the FP32 model (so KV-cache inputs and
+    decode-shaped activations are calibrated too)."""
+
+    def __init__(self, fp32_model: Path, io: dict[str, Any], windows: np.ndarray):
+        runner = OrtLM(fp32_model, io, SessionSettings(graph_optimization_level="basic", intra_op_threads=0))
+        self.feeds: list[dict[str, np.ndarray]] = []
+        for row in windows:
+            ids = row[None, :]
+            half = ids.shape[1] // 2
+            first, second = ids[:, :half], ids[:, half:]
+            mask = np.ones_like(first)
+            past = runner.empty_past(1)
+            self.feeds.append(self._feed(io, first, mask, position_ids_from_mask(mask), past))
+            _, presents = runner.forward(first, mask, position_ids_from_mask(mask), past)
+            full_mask = np.ones_like(ids)
+            presents = [p.numpy() for p in presents]
+            self.feeds.append(self._feed(io, second, full_mask, position_ids_from_mask(full_mask, half), presents))
+        runner.close()
+        self._iter = iter(self.feeds)
+
+    @staticmethod
+    def _feed(io, ids, mask, pos, past) -> dict[str, np.ndarray]:
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feed.update(dict(zip(io["past_inputs"], past)))
+        return feed
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self.feeds)
+
+
+class PrecisionStage(Stage):
+    name = "precision"
+    version = 1
+    tools = ("onnx", "onnxruntime")
+    memory_factor = 4.0
+
+    def key_material(self, parent_key: str | None) -> dict[str, Any]:
+        material = super().key_material(parent_key)
+        if self.spec.calibration is not None:
+            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent)
+        return material
+
+    def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        import onnx
+
+        src = parent.file("model.onnx")
+        io = parent.meta["stage_meta"]["io"]
+        external = parent.file("model.onnx.data").is_file()
+        model = onnx.load(str(src), load_external_data=False)
+        nodes = weight_matmuls(model, io["logits_output"], self.spec.quantize_lm_head)
+        meta: dict[str, Any] = {"io": io, "mode": self.spec.mode, "nodes_before": len(model.graph.node)}
+        self.ctx.say(f"precision: {self.spec.mode}")
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                if self.spec.mode == "fp16":
+                    self._fp16(src, out / "model.onnx", external)
+                elif self.spec.mode == "int8-dynamic":
+                    self._int8_dynamic(src, out / "model.onnx", nodes, external)
+                else:
+                    meta["calibration"] = self._int8_qdq(src, out / "model.onnx", io, nodes, external)
+            except StageError:
+                raise
+            except Exception as exc:
+                raise StageError(f"precision {self.spec.mode} failed on {src}: {exc}") from exc
+        shutil.copy2(parent.file("io.json"), out / "io.json")
+        result = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        meta["quantized_nodes"] = nodes if self.spec.mode != "fp16" else []
+        meta["nodes"] = len(result.graph.node)
+        meta["op_types"] = sorted({n.op_type for n in result.graph.node})
+        return meta
+
+    def _fp16(self, src: Path, dst: Path, external: bool) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = onnx.load(str(src))
+        converted = convert_float_to_float16(model, keep_io_types=self.spec.keep_io_fp32,
+                                             op_block_list=list(self.spec.fp32_op_types), disable_shape_infer=True)
+        save_model(converted, dst, external)
+
+    def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=self.spec.per_channel,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                         use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+
+    def _int8_qdq(self, src: Path, dst: Path, io: dict[str, Any], nodes: list[str],
+                  external: bool) -> dict[str, Any]:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        cal = self.spec.calibration
+        windows = calibration_windows(self.ctx.tokenizer(), cal.text, cal.samples, cal.seq_len, cal.seed,
+                                      self.ctx.recipe.path.parent, where="stages.precision.calibration")
+        reader = KVCalibrationReader(src, io, windows.windows)
+        signed = self.spec.target == "tensorrt"
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[cal.method]
+        self.ctx.say(f"calibrating on {len(reader.feeds)} feeds ({cal.method})")
+        with ragged_histograms():
+            quantize_static(
+                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=nodes, per_channel=self.spec.per_channel,
+                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, use_external_data_format=external,
+                extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True, "MatMulConstBOnly": True},
+            )
+        return {**windows.identity(), "seed": cal.seed, "method": cal.method, "feeds": len(reader.feeds),
+                "activation_type": "int8 symmetric" if signed else "uint8"}
+
+    def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
+        v = verify_with_engine_threads(self, out / "model.onnx", meta["io"], parent.file("model.onnx"))
+        v.metrics["quantized_matmuls"] = len(meta["quantized_nodes"])
+        v.metrics["nodes_after"] = meta["nodes"]
+        return v
+
+    def describe(self, entry: Entry) -> str:
+        return str(entry.file("model.onnx"))
+
