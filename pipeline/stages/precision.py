@@ -65,6 +65,29 @@ def ragged_histograms():
         HistogramCollector.collect = original
 
 
+def dedupe_nodes(model) -> None:
+    """The FP16 converter can insert the same Cast twice (same input, output and name) when a
+    tensor feeds two kept-in-FP32 ops; ONNX Runtime rejects the duplicate. Drop exact
+    duplicates and give any other repeated node name a suffix."""
+    produced: dict[str, bytes] = {}
+    names: set[str] = set()
+    keep = []
+    for i, node in enumerate(model.graph.node):
+        signature = node.SerializeToString()
+        if node.output and node.output[0] in produced:
+            if produced[node.output[0]] == signature:
+                continue
+            raise StageError(f"FP16 conversion produced two different nodes writing {node.output[0]}")
+        for out in node.output:
+            produced[out] = signature
+        if node.name in names:
+            node.name = f"{node.name}_{i}"
+        names.add(node.name)
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 class KVCalibrationReader:
     """Feeds each calibration window twice: a prefill of its first half with an empty past, and its
     second half as a continuation with the real past from the FP32 model (so KV-cache inputs and
@@ -148,6 +171,7 @@ class PrecisionStage(Stage):
         model = onnx.load(str(src))
         converted = convert_float_to_float16(model, keep_io_types=self.spec.keep_io_fp32,
                                              op_block_list=list(self.spec.fp32_op_types), disable_shape_infer=True)
+        dedupe_nodes(converted)
         save_model(converted, dst, external)
 
     def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool) -> None:

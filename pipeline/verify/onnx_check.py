@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..context import RunContext
+from ..errors import StageError
 from ..recipe import VerifySpec
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
@@ -37,7 +38,10 @@ def verify_onnx_lm(
 ) -> Verification:
     ref = ctx.reference()
     ctx.say(f"verifying {model.name}: accuracy")
-    runner = OrtLM(model, io, settings)
+    try:
+        runner = OrtLM(model, io, settings)
+    except Exception as exc:  # ONNX Runtime raises its own types for invalid graphs
+        raise StageError(f"ONNX Runtime cannot load {model}: {exc}") from exc
     try:
         metrics, failures = check_accuracy(runner, ref, spec)
         if parent_model is not None:
