@@ -18,7 +18,7 @@ import numpy as np
 
 from ..cache import Entry
 from ..calibration import calibration_windows, text_identity
-from ..errors import StageError
+from ..errors import EnginewrightError, StageError
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
 from .base import Stage, Verification
@@ -153,7 +153,7 @@ class PrecisionStage(Stage):
                     self._int8_dynamic(src, out / "model.onnx", nodes, external)
                 else:
                     meta["calibration"] = self._int8_qdq(src, out / "model.onnx", io, nodes, external)
-            except StageError:
+            except EnginewrightError:
                 raise
             except Exception as exc:
                 raise StageError(f"precision {self.spec.mode} failed on {src}: {exc}") from exc
@@ -187,7 +187,8 @@ class PrecisionStage(Stage):
 
         cal = self.spec.calibration
         windows = calibration_windows(self.ctx.tokenizer(), cal.text, cal.samples, cal.seq_len, cal.seed,
-                                      self.ctx.recipe.path.parent, where="stages.precision.calibration")
+                                      self.ctx.recipe.path.parent,
+                                      where=f"{self.ctx.recipe.path}: stages.precision.calibration")
         reader = KVCalibrationReader(src, io, windows.windows)
         signed = self.spec.target == "tensorrt"
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
