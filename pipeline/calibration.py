@@ -27,12 +27,12 @@ class CalibrationSet:
         return {"text": self.text_name, "sha256": self.text_sha256, "samples": n, "seq_len": length}
 
 
-def text_identity(source: str, base_dir: Path | None) -> dict[str, str]:
+def text_identity(source: str, base_dir: Path | None, where: str = "calibration") -> dict[str, str]:
     """What goes into a cache key for a calibration text (content, not path)."""
     try:
         text = load_text(source, base_dir)
     except (FileNotFoundError, ValueError) as exc:
-        raise RecipeError(f"calibration.text: {exc}") from None
+        raise RecipeError(f"{where}.text: {exc}") from None
     return {"source": source, "sha256": text.sha256}
 
 

@@ -132,7 +132,8 @@ class PrecisionStage(Stage):
     def key_material(self, parent_key: str | None) -> dict[str, Any]:
         material = super().key_material(parent_key)
         if self.spec.calibration is not None:
-            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent)
+            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent,
+                                                         where=f"{self.ctx.recipe.path}: stages.precision.calibration")
         return material
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
