@@ -32,6 +32,7 @@ class ArchSpec:
     hidden: str = "hidden_size"
     kv_heads: str | None = "num_key_value_heads"  # None: plain multi-head attention
     positions: str = "rotary"  # how the family encodes positions (documentation for the support table)
+    task: str = "causal-lm"  # or "feature-extraction" (encoders: pooled sentence embeddings, no KV cache)
 
     def geometry(self, config: dict[str, Any]) -> KVGeometry:
         heads = config[self.heads]
@@ -58,6 +59,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("gpt_neox", "GPT-NeoX", kv_heads=None, positions="partial rotary"),
         ArchSpec("gpt2", "GPT-2", layers="n_layer", heads="n_head", hidden="n_embd", kv_heads=None,
                  positions="learned"),
+        ArchSpec("bert", "BERT (encoder)", kv_heads=None, positions="learned", task="feature-extraction"),
     )
 }
 
@@ -73,13 +75,19 @@ def arch_for(config: dict[str, Any], where: str) -> ArchSpec:
     return ARCHS[model_type]
 
 
+# families whose FP16 and INT8 variants are verified in tests (shipped tiny LLaMA, real MiniLM)
+PRECISION_TESTED = ("llama", "bert")
+
+
 def support_table() -> str:
     """The README's support table, rendered from the registry (every entry has a parity test in
     tests/test_families.py; tests/test_readme.py checks the README carries this exact table)."""
-    rows = ["| family | model_type | positions | export + KV cache | simplify | ONNX Runtime engine | INT8 | INT4 "
-            "| verified on |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| family | model_type | task | positions | export | KV cache | simplify | FP16 | INT8 (dynamic, Q/DQ) "
+            "| INT4 | verified on |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec in ARCHS.values():
-        rows.append(f"| {spec.family} | `{spec.model_type}` | {spec.positions} | yes | yes | yes | not yet | not yet "
-                    "| ONNX Runtime CPU, against PyTorch eager |")
+        kv = "yes" if spec.task == "causal-lm" else "n/a (encoder)"
+        tested = "yes" if spec.model_type in PRECISION_TESTED else "untested"
+        rows.append(f"| {spec.family} | `{spec.model_type}` | {spec.task} | {spec.positions} | yes | {kv} | yes "
+                    f"| {tested} | {tested} | not yet | ONNX Runtime CPU, against PyTorch eager |")
     return "\n".join(rows)

@@ -43,7 +43,10 @@ def calibration_windows(tokenizer: Any, source: str, samples: int, seq_len: int,
         text = load_text(source, base_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise RecipeError(f"{where}.text: {exc}") from None
-    ids = np.asarray(tokenizer(text.content)["input_ids"], dtype=np.int64)
+    # paragraph by paragraph: no special tokens inside the stream, no over-length warnings
+    paragraphs = [p for p in text.content.split("\n\n") if p.strip()]
+    encoded = tokenizer(paragraphs, add_special_tokens=False)["input_ids"] if paragraphs else []
+    ids = np.asarray([t for para in encoded for t in para], dtype=np.int64)
     available = len(ids) // seq_len
     if available < samples:
         raise RecipeError(

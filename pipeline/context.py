@@ -18,11 +18,24 @@ class RunContext:
     _model: Any = None
     _tokenizer: Any = None
     _reference: Any = None
+    _task: str | None = None
     _baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def verify_spec(self):
         return self.recipe.recipe.verify
+
+    @property
+    def task(self) -> str:
+        """'causal-lm' or 'feature-extraction', from the model's architecture entry."""
+        if self._task is None:
+            import json
+
+            from .arch import arch_for
+
+            config = json.loads((self.recipe.model_path / "config.json").read_text())
+            self._task = arch_for(config, str(self.recipe.model_path)).task
+        return self._task
 
     def reference_model(self) -> tuple[Any, Any]:
         if self._model is None:
@@ -30,7 +43,7 @@ class RunContext:
 
             self.say("loading the PyTorch reference model")
             self._model, self._tokenizer = load_hf_causal_lm(
-                self.recipe.model_path, self.recipe.recipe.model.trust_remote_code
+                self.recipe.model_path, self.recipe.recipe.model.trust_remote_code, self.task
             )
         return self._model, self._tokenizer
 
@@ -40,13 +53,23 @@ class RunContext:
     def reference(self):
         """PyTorch outputs on the verification cases, computed once per run."""
         if self._reference is None:
-            from .runtime.torch_lm import TorchLM
-            from .verify.accuracy import build_reference
-
             model, tokenizer = self.reference_model()
             self.say("computing PyTorch reference outputs")
-            self._reference = build_reference(TorchLM(model), tokenizer, self.verify_spec)
+            if self.task == "causal-lm":
+                from .runtime.torch_lm import TorchLM
+                from .verify.accuracy import build_reference
+
+                self._reference = build_reference(TorchLM(model), tokenizer, self.verify_spec)
+            else:
+                from .verify.embedding import build_embedding_reference
+
+                self._reference = build_embedding_reference(model, tokenizer, self.pooling(), self.verify_spec)
         return self._reference
+
+    def pooling(self) -> dict[str, Any]:
+        from .stages.load import sentence_pooling
+
+        return sentence_pooling(self.recipe.model_path)
 
     def latency_prompt(self):
         from .textdata import load_text

@@ -22,7 +22,8 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    path: str = Field(description="Local Hugging Face model folder, relative to the recipe file.")
+    path: str = Field(description="Local Hugging Face model folder, relative to the recipe file, or "
+                                  "'package:<module>/<folder>' for a model shipped in an installed package.")
     trust_remote_code: bool = False
 
 
@@ -42,6 +43,8 @@ class SimplifyStage(Strict):
 class StageVerify(Strict):
     """Per-stage verification thresholds; they hold for this stage and every later one."""
 
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    require_pair_ranking: bool | None = None
     prefill_atol: float | None = Field(default=None, gt=0)
     decode_atol: float | None = Field(default=None, gt=0)
     min_greedy_match: float | None = Field(default=None, ge=0, le=1)
@@ -57,15 +60,16 @@ class CalibrationSpec(Strict):
     method: Literal["minmax", "percentile", "entropy"] = "minmax"
 
 
-# Thresholds a precision mode starts from (the recipe's verify section and the stage's own
-# verify override them). Logit differences are not checked for INT8: KL and top-1 are.
+# Thresholds from a precision stage on: they replace the verify section's for that stage and
+# every later one; the precision stage's own `verify:` overrides them. Logit differences are
+# not checked for INT8: KL and top-1 (decoders) or embedding cosine (encoders) are.
 PRECISION_VERIFY_DEFAULTS: dict[str, dict[str, float | None]] = {
     "fp16": {"prefill_atol": 5e-2, "decode_atol": 5e-2, "min_greedy_match": 0.5, "max_kl_mean": 1e-3,
-             "min_top1_agreement": 0.97},
+             "min_top1_agreement": 0.97, "min_cosine": 0.999},
     "int8-dynamic": {"prefill_atol": None, "decode_atol": None, "min_greedy_match": 0.0, "max_kl_mean": 0.05,
-                     "min_top1_agreement": 0.85},
+                     "min_top1_agreement": 0.85, "min_cosine": 0.98},
     "int8-qdq": {"prefill_atol": None, "decode_atol": None, "min_greedy_match": 0.0, "max_kl_mean": 0.05,
-                 "min_top1_agreement": 0.85},
+                 "min_top1_agreement": 0.85, "min_cosine": 0.98},
 }
 
 
@@ -124,6 +128,19 @@ class VerifySpec(Strict):
     )
     max_kl_mean: float | None = Field(default=None, gt=0, description="Mean KL(PyTorch || stage) on held-out text.")
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_cosine: float = Field(default=0.999, ge=-1, le=1,
+                              description="Encoders: least cosine similarity of pooled embeddings to PyTorch's.")
+    sentence_pairs: tuple[tuple[str, str], ...] = Field(
+        default=(
+            ("A man is playing a guitar on stage.", "Someone performs music with a guitar."),
+            ("The cat sleeps on the warm windowsill.", "A kitten naps in the sun by the window."),
+            ("Interest rates rose again this quarter.", "The central bank increased borrowing costs."),
+            ("The train to the airport was delayed.", "A recipe for lemon cake with fresh berries."),
+            ("Python lists can grow and shrink.", "The mountain trail was covered in snow."),
+            ("He repaired the bicycle's flat tyre.", "She fixed the puncture on her bike."),
+        ),
+        min_length=2, description="Encoders: pairs whose similarity ranking must survive every stage.")
+    require_pair_ranking: bool = Field(default=True, description="Encoders: fail if the pairs' ranking changes.")
     eval_text: str = "pydoc:eval"
     eval_windows: int = Field(default=4, ge=1, le=256)
     eval_window_tokens: int = Field(default=64, ge=8, le=8192)
@@ -161,14 +178,13 @@ class Recipe(Strict):
         return next((s for s in self.stages if s.type == name), None)
 
     def verify_for(self, name: str) -> VerifySpec:
-        """Thresholds for one stage: the verify section, then each earlier stage's precision defaults
-        and verify overrides in order, up to and including this stage."""
+        """Thresholds for one stage: the verify section, then for each stage up to and including this
+        one, in order, its precision mode's defaults and its own verify overrides."""
         spec = self.verify
         for stage in self.stages:
             updates: dict[str, Any] = {}
             if isinstance(stage, PrecisionStage):
-                explicit = self.verify.model_fields_set
-                updates.update({k: v for k, v in PRECISION_VERIFY_DEFAULTS[stage.mode].items() if k not in explicit})
+                updates.update(PRECISION_VERIFY_DEFAULTS[stage.mode])
             override = getattr(stage, "verify", None)
             if override is not None:
                 updates.update({k: getattr(override, k) for k in override.model_fields_set})
@@ -188,8 +204,35 @@ class LoadedRecipe(BaseModel):
 
     @property
     def model_path(self) -> Path:
-        p = Path(self.recipe.model.path)
+        raw = self.recipe.model.path
+        if raw.startswith(PACKAGE_PREFIX):
+            return package_path(raw, self.path)
+        p = Path(raw)
         return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def package_path(raw: str, recipe_path: Path) -> Path:
+    """'package:<module>/<sub/path>': a model folder shipped inside an installed Python package."""
+    import importlib.util
+
+    from .errors import ModelError
+
+    module, _, sub = raw[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{recipe_path}: model.path {raw!r}: Python package {module!r} is not installed; "
+                         f"install it (pip install {module.replace('_', '-')}) or give a folder path")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    target = (root / sub).resolve()
+    if root.resolve() not in (target, *target.parents):
+        raise ModelError(f"{recipe_path}: model.path {raw!r} points outside the package")
+    return target
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -12,6 +12,23 @@ ACCURACY_COLUMNS = [
     ("decode_max_abs_diff", "decode max abs diff", "{:.2e}"),
     ("vs_previous_stage_max_abs_diff", "vs previous stage", "{:.2e}"),
     ("greedy", "greedy tokens", "{}"),
+    ("kl_mean", "KL (held-out)", "{:.2e}"),
+    ("top1_agreement", "top-1", "{:.2%}"),
+]
+ENCODER_ACCURACY_COLUMNS = [
+    ("hidden_max_abs_diff", "hidden max abs diff", "{:.2e}"),
+    ("embedding_cosine_min", "cosine min", "{:.5f}"),
+    ("embedding_cosine_mean", "cosine mean", "{:.5f}"),
+    ("pair_ranking_preserved", "pair ranking kept", "{}"),
+    ("vs_previous_stage_max_abs_diff", "vs previous stage", "{:.2e}"),
+]
+ENCODER_LATENCY_COLUMNS = [
+    ("sentences_per_s", "sentences/s", "{:.1f}"),
+    ("baseline_sentences_per_s", "PyTorch sentences/s", "{:.1f}"),
+    ("speedup_vs_baseline", "speed-up", "{:.2f}x"),
+    ("batch_ms_p50", "batch p50 ms", "{:.2f}"),
+    ("batch_ms_p90", "batch p90 ms", "{:.2f}"),
+    ("batch_ms_p99", "batch p99 ms", "{:.2f}"),
 ]
 LATENCY_COLUMNS = [
     ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
@@ -53,6 +70,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"`{s['key'][:12]}…`", f"`{s['artifact']}`"])
     lines += _table(["stage", "cache", "seconds", "verify", "key", "artifact"], rows)
     onnx_stages = [s for s in report["stages"] if "prefill_max_abs_diff" in s["verify"]["metrics"]]
+    encoder_stages = [s for s in report["stages"] if "embedding_cosine_min" in s["verify"]["metrics"]]
+    if encoder_stages:
+        lines += ["", "## Embeddings against PyTorch", ""]
+        lines += _table(["stage"] + [c[1] for c in ENCODER_ACCURACY_COLUMNS],
+                        [[s["name"]] + [_cell(s["verify"]["metrics"], k, f) for k, _, f in ENCODER_ACCURACY_COLUMNS]
+                         for s in encoder_stages])
+        lines += ["", "## Latency (one padded batch of the verification sentences)", ""]
+        lines += _table(["stage", "threads"] + [c[1] for c in ENCODER_LATENCY_COLUMNS],
+                        [[s["name"], str(s["verify"]["metrics"].get("threads", "–"))]
+                         + [_cell(s["verify"]["metrics"], k, f) for k, _, f in ENCODER_LATENCY_COLUMNS]
+                         for s in encoder_stages])
     if onnx_stages:
         lines += ["", "## Accuracy against PyTorch", ""]
         lines += _table(["stage"] + [c[1] for c in ACCURACY_COLUMNS],
@@ -72,6 +100,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Cache events", ""] + [f"- {e['kind']} `{e['key'][:12]}…`: {e['detail']}"
                                                 for e in report["cache"]["events"]]
     return "\n".join(lines) + "\n"
+
+
+def accuracy_summary(m: dict[str, Any]) -> str:
+    """One line for the terminal summary."""
+    if "embedding_cosine_min" in m:
+        return (f"cos min {m['embedding_cosine_min']:.5f}, hidden Δ {m['hidden_max_abs_diff']:.1e}, "
+                f"ranking {'kept' if m['pair_ranking_preserved'] else 'CHANGED'}")
+    if "prefill_max_abs_diff" in m:
+        return (f"prefill Δ {m['prefill_max_abs_diff']:.1e}, decode Δ {m['decode_max_abs_diff']:.1e}, "
+                f"greedy {m['greedy_tokens_matched']}/{m['greedy_tokens_total']}, KL {m['kl_mean']:.1e}, "
+                f"top-1 {m['top1_agreement']:.1%}")
+    return ""
+
+
+def speed_summary(m: dict[str, Any]) -> str:
+    if "sentences_per_s" in m:
+        return (f"{m['sentences_per_s']:.0f} sent/s vs PyTorch {m['baseline_sentences_per_s']:.0f} "
+                f"({m['speedup_vs_baseline']:.2f}x)")
+    if m.get("decode_tokens_per_s"):
+        return (f"{m['decode_tokens_per_s']:.0f} tok/s vs PyTorch {m['baseline_decode_tokens_per_s']:.0f} "
+                f"({m['decode_speedup_vs_baseline']:.2f}x)")
+    return ""
 
 
 def write_report(report: dict[str, Any], folder: Path) -> None:

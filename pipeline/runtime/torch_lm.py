@@ -10,12 +10,13 @@ import numpy as np
 from .base import CausalLMRunner
 
 
-def load_hf_causal_lm(path: Path, trust_remote_code: bool = False):
+def load_hf_causal_lm(path: Path, trust_remote_code: bool = False, task: str = "causal-lm"):
     """Model (float32, eval mode) and tokenizer from a local folder; weights from safetensors only."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    model = auto.from_pretrained(
         path,
         dtype=torch.float32,
         trust_remote_code=trust_remote_code,

@@ -70,6 +70,31 @@ def _make_wrapper(model, num_layers: int):
     return KVCacheWrapper().eval()
 
 
+def _make_encoder_wrapper(model, pooling: dict[str, Any], with_token_types: bool):
+    import torch
+
+    class EncoderWrapper(torch.nn.Module):
+        """Encoder plus the sentence-transformers pooling, so the graph returns the embedding too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kwargs = {"token_type_ids": token_type_ids} if with_token_types else {}
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            if pooling["mode"] == "cls":
+                emb = hidden[:, 0]
+            else:
+                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            if pooling["normalize"]:
+                emb = emb / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            return hidden, emb
+
+    return EncoderWrapper().eval()
+
+
 def set_axis_names(ir_model, io: dict[str, Any]) -> list[str]:
     """Write the declared symbolic names on every graph input/output (onnx_ir model); return problems."""
     import onnx_ir as ir
@@ -104,10 +129,69 @@ class ExportStage(Stage):
     tools = ("torch", "transformers", "onnx", "onnxscript")
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        model_info = parent.meta["stage_meta"]["model"]
+        if model_info.get("task", "causal-lm") == "feature-extraction":
+            return self._build_encoder(model_info, out)
+        return self._build_causal_lm(model_info, out)
+
+    def _export(self, module, args, dynamic_shapes, input_names, output_names, model_info):
+        import torch
+
+        self.ctx.say(f"exporting to ONNX (opset {self.spec.opset})")
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.onnx.export(
+                    module, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=self.spec.opset,
+                    input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+                )
+            except Exception as exc:  # the exporter raises many types; keep its message
+                raise StageError(f"torch.onnx.export failed for {model_info['path']}: {exc}") from exc
+
+    def _save(self, program, io, model_info, out: Path) -> dict[str, Any]:
+        problems = set_axis_names(program.model, io)
+        if problems:
+            raise StageError("exported graph does not have the declared dynamic axes: " + "; ".join(problems))
+        external = model_info["weights_bytes"] > self.spec.external_data_threshold_mb * 1024 * 1024
+        with contextlib.redirect_stdout(sys.stderr):
+            program.save(str(out / "model.onnx"), external_data=external)
+        (out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+        nodes = list(program.model.graph)
+        return {"io": io, "external_data": external, "nodes": len(nodes), "opset": self.spec.opset,
+                "op_types": sorted({n.op_type for n in nodes})}
+
+    def _build_encoder(self, model_info: dict[str, Any], out: Path) -> dict[str, Any]:
         import torch
         from torch.export import Dim
 
-        model_info = parent.meta["stage_meta"]["model"]
+        from ..verify.embedding import encoder_inputs
+
+        model, _ = self.ctx.reference_model()
+        names = encoder_inputs(model)
+        wrapper = _make_encoder_wrapper(model, model_info["pooling"], "token_type_ids" in names)
+        batch, seq = 2, 7
+        args = tuple(torch.ones(batch, seq, dtype=torch.long) if n == "attention_mask"
+                     else torch.randint(0, 100, (batch, seq)) if n == "input_ids"
+                     else torch.zeros(batch, seq, dtype=torch.long) for n in names)
+        b, s = Dim("batch"), Dim("sequence")
+        dynamic_shapes = {n: {0: b, 1: s} for n in names}
+        outputs = ["last_hidden_state", "sentence_embedding"]
+        program = self._export(wrapper, args, dynamic_shapes, names, outputs, model_info)
+        io = {
+            "task": "feature-extraction",
+            "inputs": names,
+            "outputs": outputs,
+            "pooling": model_info["pooling"],
+            "dynamic_axes": ["batch", "sequence"],
+            "axes": {**{n: ("batch", "sequence") for n in names},
+                     "last_hidden_state": ("batch", "sequence", None), "sentence_embedding": ("batch", None)},
+        }
+        return self._save(program, io, model_info, out)
+
+    def _build_causal_lm(self, model_info: dict[str, Any], out: Path) -> dict[str, Any]:
+        import torch
+        from torch.export import Dim
+
         geo = model_info["geometry"]
         layers, kv_heads, head_dim = geo["num_layers"], geo["kv_heads"], geo["head_dim"]
         names = io_names(layers)
@@ -129,18 +213,9 @@ class ExportStage(Stage):
             "position_ids": {0: dims["batch"], 1: dims["sequence"]},
             "past": tuple(past_shape for _ in names["past"]),
         }
-        self.ctx.say(f"exporting to ONNX (opset {self.spec.opset})")
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                program = torch.onnx.export(
-                    wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=self.spec.opset,
-                    input_names=names["inputs"], output_names=names["outputs"], optimize=True, verbose=False,
-                )
-            except Exception as exc:  # the exporter raises many types; keep its message
-                raise StageError(f"torch.onnx.export failed for {model_info['path']}: {exc}") from exc
-
+        program = self._export(wrapper, args, dynamic_shapes, names["inputs"], names["outputs"], model_info)
         io = {
+            "task": "causal-lm",
             "inputs": names["inputs"],
             "outputs": names["outputs"],
             "past_inputs": names["past"],
@@ -153,16 +228,7 @@ class ExportStage(Stage):
             "dynamic_axes": list(DYNAMIC_AXES),
             "axes": {n: AXES[_axis_role(n)] for n in names["inputs"] + names["outputs"]},
         }
-        problems = set_axis_names(program.model, io)
-        if problems:
-            raise StageError("exported graph does not have the declared dynamic axes: " + "; ".join(problems))
-        external = model_info["weights_bytes"] > self.spec.external_data_threshold_mb * 1024 * 1024
-        with contextlib.redirect_stdout(sys.stderr):
-            program.save(str(out / "model.onnx"), external_data=external)
-        (out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
-        nodes = list(program.model.graph)
-        return {"io": io, "external_data": external, "nodes": len(nodes), "opset": self.spec.opset,
-                "op_types": sorted({n.op_type for n in nodes})}
+        return self._save(program, io, model_info, out)
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         return verify_with_engine_threads(self, out / "model.onnx", meta["io"])

@@ -75,6 +75,22 @@ class HashMemo:
         self.dirty = False
 
 
+def sentence_pooling(folder: Path) -> dict[str, Any]:
+    """How sentence embeddings are pooled: from a sentence-transformers layout, else mean + no norm."""
+    mode, normalize = "mean", False
+    pooling_config = folder / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        cfg = json.loads(pooling_config.read_text())
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif not cfg.get("pooling_mode_mean_tokens", True):
+            raise ModelError(f"{pooling_config}: only mean or CLS pooling is supported")
+    modules = folder / "modules.json"
+    if modules.is_file():
+        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    return {"mode": mode, "normalize": normalize}
+
+
 def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
     """Validate the folder without loading the model; return what the key and later stages need."""
     if not folder.exists():
@@ -108,9 +124,15 @@ def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
                          "save the tokenizer into the model folder with tokenizer.save_pretrained(folder)")
     files = [n for n in CONFIG_FILES if (folder / n).is_file()] + [w.name for w in weights] + tokenizer
     geometry = arch.geometry(config)
+    pooling = None
+    if arch.task == "feature-extraction":
+        pooling = sentence_pooling(folder)
+        files += [n for n in ("modules.json", "1_Pooling/config.json") if (folder / n).is_file()]
     return {
         "path": str(folder),
         "files": files,
+        "task": arch.task,
+        "pooling": pooling,
         "model_type": config["model_type"],
         "family": arch.family,
         "geometry": geometry.__dict__,

@@ -26,7 +26,7 @@ from .export import verify_with_engine_threads
 from .simplify import save_model
 
 
-def weight_matmuls(model, logits_output: str, include_lm_head: bool) -> list[str]:
+def weight_matmuls(model, logits_output: str | None, include_lm_head: bool) -> list[str]:
     """Names of MatMul/Gemm nodes that multiply an activation by a 2-D weight initializer."""
     inits = {i.name: i for i in model.graph.initializer}
     names = []
@@ -88,6 +88,33 @@ def dedupe_nodes(model) -> None:
     model.graph.node.extend(keep)
 
 
+class EncoderCalibrationReader:
+    """One feed per calibration window, framed as the tokenizer frames a sentence ([CLS] ... [SEP]):
+    the first token's activations are outliers in BERT-style encoders, and calibrating without it
+    clips them at inference."""
+
+    def __init__(self, io: dict[str, Any], windows: np.ndarray, tokenizer: Any):
+        empty = list(tokenizer("")["input_ids"])  # e.g. [CLS, SEP] for BERT
+        cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+        prefix = empty[:1] if empty and cls_id is not None and empty[0] == cls_id else []
+        suffix = empty[-1:] if empty and sep_id is not None and empty[-1] == sep_id else []
+        self.feeds = []
+        for row in windows:
+            body = list(row[: max(1, len(row) - len(prefix) - len(suffix))])
+            ids = np.array([prefix + body + suffix], dtype=np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            if "token_type_ids" in io["inputs"]:
+                feed["token_type_ids"] = np.zeros_like(ids)
+            self.feeds.append(feed)
+        self._iter = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self.feeds)
+
+
 class KVCalibrationReader:
     """Feeds each calibration window twice: a prefill of its first half with an empty past, and its
     second half as a continuation with the real past from the FP32 model (so KV-cache inputs and
@@ -125,7 +152,7 @@ class KVCalibrationReader:
 
 class PrecisionStage(Stage):
     name = "precision"
-    version = 1
+    version = 2
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
 
@@ -143,7 +170,7 @@ class PrecisionStage(Stage):
         io = parent.meta["stage_meta"]["io"]
         external = parent.file("model.onnx.data").is_file()
         model = onnx.load(str(src), load_external_data=False)
-        nodes = weight_matmuls(model, io["logits_output"], self.spec.quantize_lm_head)
+        nodes = weight_matmuls(model, io.get("logits_output"), self.spec.quantize_lm_head)
         meta: dict[str, Any] = {"io": io, "mode": self.spec.mode, "nodes_before": len(model.graph.node)}
         self.ctx.say(f"precision: {self.spec.mode}")
         with contextlib.redirect_stdout(sys.stderr):
@@ -157,7 +184,7 @@ class PrecisionStage(Stage):
             except EnginewrightError:
                 raise
             except Exception as exc:
-                raise StageError(f"precision {self.spec.mode} failed on {src}: {exc}") from exc
+                raise StageError(f"precision {self.spec.mode} failed on {src}: {type(exc).__name__}: {exc}") from exc
         shutil.copy2(parent.file("io.json"), out / "io.json")
         result = onnx.load(str(out / "model.onnx"), load_external_data=False)
         meta["quantized_nodes"] = nodes if self.spec.mode != "fp16" else []
@@ -190,7 +217,10 @@ class PrecisionStage(Stage):
         windows = calibration_windows(self.ctx.tokenizer(), cal.text, cal.samples, cal.seq_len, cal.seed,
                                       self.ctx.recipe.path.parent,
                                       where=f"{self.ctx.recipe.path}: stages.precision.calibration")
-        reader = KVCalibrationReader(src, io, windows.windows)
+        if io.get("task", "causal-lm") == "feature-extraction":
+            reader = EncoderCalibrationReader(io, windows.windows, self.ctx.tokenizer())
+        else:
+            reader = KVCalibrationReader(src, io, windows.windows)
         signed = self.spec.target == "tensorrt"
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[cal.method]

@@ -100,7 +100,7 @@ def window_logprobs(runner: CausalLMRunner, windows: np.ndarray) -> np.ndarray:
 def distribution_metrics(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> dict[str, float]:
     """Mean KL(reference || candidate) per token, and top-1 agreement."""
     p = np.exp(ref_logprobs.astype(np.float64))
-    kl = (p * (ref_logprobs.astype(np.float64) - logprobs.astype(np.float64))).sum(-1)
+    kl = np.maximum((p * (ref_logprobs.astype(np.float64) - logprobs.astype(np.float64))).sum(-1), 0.0)
     top1 = np.argmax(ref_logprobs, -1) == np.argmax(logprobs, -1)
     return {"kl_mean": float(kl.mean()), "top1_agreement": float(top1.mean())}
 

@@ -36,6 +36,8 @@ def verify_onnx_lm(
     parent_model: Path | None = None,
     parent_io: dict[str, Any] | None = None,
 ) -> Verification:
+    if io.get("task", "causal-lm") == "feature-extraction":
+        return verify_onnx_encoder(ctx, spec, model, settings, parent_model)
     ref = ctx.reference()
     ctx.say(f"verifying {model.name}: accuracy")
     try:
@@ -64,4 +66,40 @@ def verify_onnx_lm(
     metrics["baseline_prefill_ms"] = baseline["prefill_ms"]
     if metrics.get("decode_tokens_per_s") and baseline.get("decode_tokens_per_s"):
         metrics["decode_speedup_vs_baseline"] = metrics["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
+    return Verification(passed=not failures, metrics=metrics, failures=failures)
+
+
+def verify_onnx_encoder(ctx: RunContext, spec: VerifySpec, model: Path, settings: SessionSettings,
+                        parent_model: Path | None) -> Verification:
+    from .embedding import check_embeddings, measure_encoder_latency, ort_encoder, torch_encoder
+
+    ref = ctx.reference()
+    try:
+        run = ort_encoder(model, settings)
+    except Exception as exc:  # ONNX Runtime raises its own types for invalid graphs
+        raise StageError(f"ONNX Runtime cannot load {model}: {exc}") from exc
+    ctx.say(f"verifying {model.name}: embeddings")
+    metrics, failures = check_embeddings(run, ref, spec)
+    if parent_model is not None:
+        _, mine = run(ref.batch)
+        _, theirs = ort_encoder(parent_model, settings)(ref.batch)
+        metrics["vs_previous_stage_max_abs_diff"] = float(np.abs(mine - theirs).max())
+    ctx.say(f"verifying {model.name}: latency")
+    metrics.update(measure_encoder_latency(run, ref.batch, spec.latency))
+    threads = settings.intra_op_threads
+    if threads not in ctx._baselines:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads or previous)
+        try:
+            ctx._baselines[threads] = measure_encoder_latency(
+                torch_encoder(ctx.reference_model()[0], ctx.pooling()), ref.batch, spec.latency)
+        finally:
+            torch.set_num_threads(previous)
+    baseline = ctx._baselines[threads]
+    metrics["threads"] = threads
+    metrics["baseline_sentences_per_s"] = baseline["sentences_per_s"]
+    metrics["baseline_batch_ms_p50"] = baseline["batch_ms_p50"]
+    metrics["speedup_vs_baseline"] = metrics["sentences_per_s"] / baseline["sentences_per_s"]
     return Verification(passed=not failures, metrics=metrics, failures=failures)
