@@ -50,7 +50,7 @@ def test_unsupported_architecture(model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (model_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="'mamba' is not supported; supported: gemma2, .*llama"):
+    with pytest.raises(ModelError, match="'mamba' is not supported; supported: bert, gemma2, .*llama"):
         inspect_model(model_copy, False)
 
 
