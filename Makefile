@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 RECIPE ?= recipes/tiny-llama.yaml
 PYTEST_ARGS ?=
 
-.PHONY: engine test plan model clean-cache
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: engine test plan bench model clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,14 @@ plan: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# `make bench` (about 15 minutes on 2 cores) or `make bench QUICK=1` (about 2 minutes)
+bench: $(BENCH_STAMP)
+	$(BIN)/enginewright bench $(if $(QUICK),--quick)
 
 # Regenerate the shipped model (deterministic; a few minutes on 2 cores).
 model: $(STAMP)

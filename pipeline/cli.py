@@ -122,6 +122,31 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
         click.echo(f"memory available: {gib(have)}; largest stage to build: {gib(worst)}: {verdict}")
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="Tiny model only, 1 thread, short workloads (about 2 minutes).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
+              show_default=True, help="Folder for results.json, results.md and chart.png.")
+@cache_option
+def bench(quick: bool, out_dir: Path, cache_dir: Path | None) -> None:
+    """Benchmark every engine side by side with PyTorch and the peers (speed, memory, agreement, roofline)."""
+    import os
+
+    from .bench.run import run_bench
+    from .pipeline import DEFAULT_CACHE
+
+    console = _console()
+    cache_root = cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE))
+    try:
+        result = run_bench(out_dir, cache_root, quick=quick,
+                           say=lambda m: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}", highlight=False))
+    except EnginewrightError as exc:
+        _fail(exc)
+        return
+    click.echo((out_dir / "results.md").read_text())
+    for f in result.files:
+        console.print(f"wrote {f}", highlight=False)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and trim the artifact cache."""
