@@ -20,7 +20,9 @@ def test_quick_bench_writes_json_table_and_chart(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     engines = {r["engine"] for r in data["rows"]}
-    assert {"pytorch-eager", "enginewright-fp32", "enginewright-int8-dynamic", "enginewright-int8-qdq"} <= engines
+    assert {"pytorch-eager", "enginewright-fp32", "enginewright-int8-dynamic", "enginewright-int8-qdq",
+            "genai-fp32", "genai-int4"} <= engines
+    assert (out / "chart.png").stat().st_size > 10_000
     for row in data["rows"]:
         assert row["decode_b1"]["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert 0.0 <= row["greedy_agreement"] <= 1.0
