@@ -70,6 +70,20 @@ def _make_wrapper(model, num_layers: int):
     return KVCacheWrapper().eval()
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence one noisy logger (torch's note that torchvision ops are not registered) for a call."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _make_encoder_wrapper(model, pooling: dict[str, Any], with_token_types: bool):
     import torch
 
@@ -138,7 +152,8 @@ class ExportStage(Stage):
         import torch
 
         self.ctx.say(f"exporting to ONNX (opset {self.spec.opset})")
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), \
+                _quiet_logger("torch.onnx._internal.exporter._registration"):
             warnings.simplefilter("ignore")
             try:
                 return torch.onnx.export(
