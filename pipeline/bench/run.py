@@ -39,7 +39,7 @@ class Workloads:
     reps: int
 
 
-FULL = Workloads(prompt=128, new=64, prefill=512, batch=4, reps=3)
+FULL = Workloads(prompt=128, new=64, prefill=512, batch=4, reps=2)
 QUICK = Workloads(prompt=32, new=16, prefill=128, batch=4, reps=2)
 
 PIPELINE_VARIANTS = {
