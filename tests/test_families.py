@@ -60,17 +60,34 @@ def test_every_registered_family_has_a_parity_test():
     assert {v[0] for v in VARIANTS.values()} == decoders  # the encoder (bert) is tested in test_minilm.py
 
 
+VERIFY = """
+  greedy_tokens: 24
+  latency: {warmup: 0, repeats: 1, prompt_tokens: 16, decode_tokens: 4}
+"""
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_family_parity_through_the_engine(variant, tmp_path):
     model_type, config_class, overrides = VARIANTS[variant]
     folder = build_family_model(tmp_path / variant, model_type, config_class, overrides)
-    recipe = write_recipe(tmp_path / "r.yaml", folder, verify="""
-  greedy_tokens: 24
-  latency: {warmup: 0, repeats: 1, prompt_tokens: 16, decode_tokens: 4}
-""")
-    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    recipe = write_recipe(tmp_path / "r.yaml", folder, verify=VERIFY)
+    cache = tmp_path / "cache"
+    result = Pipeline.from_recipe(recipe, cache_dir=cache).run()
     for name in ("export", "simplify", "engine"):
         m = result.stage(name).verify["metrics"]
         assert result.stage(name).verify["passed"], (name, result.stage(name).verify["failures"])
         assert m["greedy_tokens_matched"] == m["greedy_tokens_total"] == 24
         assert m["prefill_max_abs_diff"] <= 1e-4 and m["decode_max_abs_diff"] <= 1e-4
+
+    # precision on the same export (a cache hit up to simplify). Random weights give near-flat
+    # next-token distributions, so top-1 is meaningless here: KL against PyTorch is the check.
+    for mode, max_kl in (("fp16", 1e-4), ("int8-dynamic", 5e-3)):
+        stages = (f"\n  - type: export\n  - type: simplify\n  - type: precision\n    mode: {mode}\n"
+                  f"    verify: {{max_kl_mean: {max_kl}, min_top1_agreement: 0.0, prefill_atol: null, "
+                  "decode_atol: null}\n  - type: engine\n")
+        recipe = write_recipe(tmp_path / f"{mode}.yaml", folder, stages=stages, verify=VERIFY)
+        low = Pipeline.from_recipe(recipe, cache_dir=cache).run()
+        assert [s.cached for s in low.stages[:3]] == [True, True, True]
+        for name in ("precision", "engine"):
+            m = low.stage(name).verify["metrics"]
+            assert low.stage(name).verify["passed"] and m["kl_mean"] <= max_kl, (mode, name, m["kl_mean"])

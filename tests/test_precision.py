@@ -1,6 +1,5 @@
 """The precision stage on the shipped model: FP16, dynamic INT8, static INT8 Q/DQ."""
 
-from pathlib import Path
 
 import numpy as np
 import onnx

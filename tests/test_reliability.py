@@ -1,7 +1,6 @@
 """Whatever goes wrong, no half-written artifact is served and a rerun picks up where it stopped."""
 
 import json
-import os
 import resource
 import signal
 import subprocess

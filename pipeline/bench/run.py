@@ -10,10 +10,8 @@ the engines so a noisy neighbour hurts every engine alike.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-import shutil
 import subprocess
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -25,6 +23,7 @@ import numpy as np
 from . import worker
 from .machine import contention_sample, memory_bandwidth
 from .models import build_large_llama, model_weight_bytes
+from .peers import genai_engine, genai_threads, optimum_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "tiny-llama"
@@ -60,6 +59,8 @@ class Engine:
     size_bytes: int
     family: str  # baseline | enginewright | peer
     model_dir: Path  # the Hugging Face folder it came from
+    python: Path | None = None  # a peer's own virtual environment
+    device: str = "cpu"
 
 
 @dataclass
@@ -90,40 +91,6 @@ def _pipeline_engine(model_dir: Path, variant: str, out: Path, cache_dir: Path, 
     return Path(result.stage("engine").artifact).parent
 
 
-def _genai_engine(model_dir: Path, precision: str, out: Path, say: Callable[[str], None]) -> Path | None:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return None
-    target = out / "genai" / f"{model_dir.name}-{precision}"
-    if not (target / "genai_config.json").is_file():
-        say(f"building onnxruntime-genai {precision} for {model_dir.name}")
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(tmp),
-                        "-p", precision, "-e", "cpu", "-c", str(out / "genai" / ".hf-cache")],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-    return target
-
-
-def _genai_threads(folder: Path, threads: int) -> Path:
-    """A view of a genai folder whose config pins the thread count and turns spinning off."""
-    view = folder.with_name(f"{folder.name}-t{threads}")
-    view.mkdir(exist_ok=True)
-    for f in folder.iterdir():
-        link = view / f.name
-        if f.name != "genai_config.json" and not link.exists():
-            link.symlink_to(f.resolve())
-    config = json.loads((folder / "genai_config.json").read_text())
-    session = config["model"]["decoder"].setdefault("session_options", {})
-    session["intra_op_num_threads"] = threads
-    session["inter_op_num_threads"] = 1  # spinning stays as onnxruntime-genai sets it (its config has no key for it)
-    (view / "genai_config.json").write_text(json.dumps(config, indent=2))
-    return view
-
-
 def _summary(records: list[dict[str, Any]], batch: int, new: int) -> dict[str, Any]:
     steps = np.array([s for r in records for s in r["steps_s"]]) * 1e3
     totals = [sum(r["steps_s"]) for r in records]
@@ -143,39 +110,49 @@ def _agreement(tokens: list[int], reference: list[int]) -> float:
 
 
 class Workers:
-    """One worker process per (engine, threads)."""
+    """One worker process per (engine, threads), each a `python -m pipeline.bench.worker` with the
+    engine's own interpreter (a peer may bring its own virtual environment)."""
 
-    def __init__(self) -> None:
-        self.ctx = mp.get_context("spawn")
-        self.live: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+    def __init__(self, log: Path) -> None:
+        self.log = open(log, "a")
+        self.live: dict[tuple[str, str, int], tuple[subprocess.Popen, worker.JsonLines]] = {}
 
     def start(self, engine: Engine, threads: int) -> dict[str, Any]:
-        parent, child = self.ctx.Pipe()
-        spec = {"kind": engine.kind, "path": str(engine.path), "threads": threads}
-        proc = self.ctx.Process(target=worker.serve, args=(child, spec), daemon=True)
-        proc.start()
-        reply = parent.recv()
+        spec = {"kind": engine.kind, "path": str(engine.path), "threads": threads, "device": engine.device}
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([str(engine.python or sys.executable), "-m", "pipeline.bench.worker",
+                                 json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                text=True, env=env, cwd=ROOT)
+        conn = worker.JsonLines(proc.stdout, proc.stdin)
+        try:
+            reply = conn.recv()
+        except EOFError:
+            reply = {"ok": False, "error": f"worker exited with code {proc.wait()} (see {self.log.name})"}
         if reply["ok"]:
-            self.live[(engine.model, engine.name, threads)] = (proc, parent)
+            self.live[(engine.model, engine.name, threads)] = (proc, conn)
         else:
-            proc.join()
+            proc.kill()
+            proc.wait()
         return reply
 
     def ask(self, key, msg: dict[str, Any]) -> dict[str, Any]:
         proc, conn = self.live[key]
         conn.send(msg)
-        return conn.recv()
+        try:
+            return conn.recv()
+        except EOFError:
+            return {"ok": False, "error": f"worker died with code {proc.wait()}"}
 
     def stop(self) -> None:
         for proc, conn in self.live.values():
             try:
                 conn.send({"op": "stop"})
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(timeout=10)
-            if proc.is_alive():
+                proc.wait(timeout=10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 proc.kill()
+                proc.wait()
         self.live.clear()
+        self.log.close()
 
 
 def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable[[str], None] = print) -> BenchResult:
@@ -194,8 +171,19 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
         for variant in PIPELINE_VARIANTS:
             folder = _pipeline_engine(model_dir, variant, out_dir, cache_dir, say)
             engines.append(Engine(variant, "ort", model_name, folder, folder_bytes(folder), "enginewright", model_dir))
+        if _cuda_available():
+            engines.append(Engine("pytorch-eager-fp16-cuda", "torch", model_name, model_dir, folder_bytes(model_dir),
+                                  "baseline", model_dir, device="cuda"))
+        if not quick:
+            optimum = optimum_engine(model_dir, out_dir, say)
+            if optimum is None:
+                notes.append(f"optimum-ort: not available for {model_name} (install or export failed; see the log)")
+            else:
+                python, folder = optimum
+                engines.append(Engine("optimum-ort", "optimum", model_name, folder, folder_bytes(folder), "peer",
+                                      model_dir, python=python))
         for name, precision in GENAI_VARIANTS.items():
-            folder = _genai_engine(model_dir, precision, out_dir, say)
+            folder = genai_engine(model_dir, precision, out_dir, say)
             if folder is None:
                 notes.append(f"{name}: onnxruntime-genai is not installed (pip install '.[bench]')")
                 continue
@@ -204,8 +192,11 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
                  "there is no GPU here.")
     notes.append("INT4 engines of this project do not exist yet (needs the quantize stage); genai-int4 is the "
                  "peer's own RTN INT4.")
-    notes.append("Optimum's ORTModelForCausalLM is not run: it needs transformers < 4.58 in a virtual "
-                 "environment of its own, which this harness does not build yet.")
+    if quick:
+        notes.append("Quick mode leaves out Optimum (its virtual environment takes minutes to build) and the "
+                     "large model.")
+    if not _cuda_available():
+        notes.append("No CUDA GPU: the PyTorch FP16 GPU baseline and GPU memory are not measured.")
 
     say("measuring memory bandwidth")
     bandwidth = memory_bandwidth()
@@ -213,7 +204,7 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
     prompts = {m: {"b1": rng.integers(3, 2048, (1, wl.prompt)), "bN": rng.integers(3, 2048, (wl.batch, wl.prompt)),
                    "prefill": rng.integers(3, 2048, (1, wl.prefill))} for m in models}
 
-    workers = Workers()
+    workers = Workers(out_dir / "workers.log")
     records: dict[tuple, dict[str, list]] = {}
     failures: dict[str, str] = {}
     try:
@@ -221,7 +212,7 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
             for threads in threads_list:
                 say(f"starting {engine.model}/{engine.name} ({threads} thread{'s' if threads > 1 else ''})")
                 if engine.kind == "genai":  # genai takes its thread count from its config file
-                    engine = replace(engine, path=_genai_threads(engine.path, threads))
+                    engine = replace(engine, path=genai_threads(engine.path, threads))
                 reply = workers.start(engine, threads)
                 if not reply["ok"]:
                     failures[f"{engine.model}/{engine.name}/{threads}"] = reply["error"]
@@ -263,6 +254,7 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
         ref = records.get((model, "pytorch-eager", threads))
         row = {"model": model, "engine": name, "family": engine.family, "threads": threads,
                "size_mb": engine.size_bytes / 1e6, "peak_rss_mb": rec["rss"] / 1e6,
+               "peak_gpu_mb": max(r.get("gpu_bytes", 0) for r in rec["b1"] + rec["bN"]) / 1e6,
                "decode_b1": _summary(rec["b1"], 1, wl.new), f"decode_b{wl.batch}": _summary(rec["bN"], wl.batch, wl.new),
                "prefill_ms": float(np.median([r["prefill_s"] for r in rec["prefill"]]) * 1e3)}
         if ref and ref["b1"]:
@@ -291,6 +283,14 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
 
     files = write_outputs(data, out_dir)
     return BenchResult(data, out_dir, files)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _cpu() -> dict[str, Any]:
