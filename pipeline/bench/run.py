@@ -23,6 +23,7 @@ import numpy as np
 from . import worker
 from .machine import contention_sample, memory_bandwidth
 from .models import build_large_llama, model_weight_bytes
+from ..verify.accuracy import matched_prefix
 from .peers import genai_engine, genai_threads, optimum_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,15 +99,6 @@ def _summary(records: list[dict[str, Any]], batch: int, new: int) -> dict[str, A
     return {"tokens_per_s": float(batch * (new - 1) / np.median(totals)), "ttft_ms": float(np.median(
         [r["ttft_s"] for r in records]) * 1e3), "step_ms_p50": float(p50), "step_ms_p90": float(p90),
         "step_ms_p99": float(p99)}
-
-
-def _agreement(tokens: list[int], reference: list[int]) -> float:
-    n = 0
-    for a, b in zip(tokens, reference):
-        if a != b:
-            break
-        n += 1
-    return n / max(len(reference), 1)
 
 
 class Workers:
@@ -258,7 +250,7 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
                "decode_b1": _summary(rec["b1"], 1, wl.new), f"decode_b{wl.batch}": _summary(rec["bN"], wl.batch, wl.new),
                "prefill_ms": float(np.median([r["prefill_s"] for r in rec["prefill"]]) * 1e3)}
         if ref and ref["b1"]:
-            row["greedy_agreement"] = float(np.mean([_agreement(r["tokens"][0], q["tokens"][0])
+            row["greedy_agreement"] = float(np.mean([matched_prefix(r["tokens"][0], q["tokens"][0]) / wl.new
                                                      for r, q in zip(rec["b1"], ref["b1"])]))
             base = _summary(ref["b1"], 1, wl.new)["tokens_per_s"]
             row["speedup_vs_pytorch"] = row["decode_b1"]["tokens_per_s"] / base
