@@ -15,7 +15,7 @@ import click
 
 from .errors import EnginewrightError
 
-STAGES = ("load", "export", "simplify", "precision", "engine")
+STAGES = ("load", "quantize", "export", "simplify", "precision", "engine")
 
 
 def _console():

@@ -4,6 +4,7 @@ PyTorch reference (loaded at most once, and only when some stage actually has to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .cache import ArtifactCache
@@ -15,9 +16,11 @@ class RunContext:
     recipe: LoadedRecipe
     cache: ArtifactCache
     say: Callable[[str], None] = lambda msg: None
-    _model: Any = None
-    _tokenizer: Any = None
-    _reference: Any = None
+    # the PyTorch model that ONNX stages are checked against: the recipe's model, or the quantized
+    # checkpoint once a quantize stage has run (set by the pipeline)
+    source: Path | None = None
+    _models: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
+    _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None
     _baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -37,34 +40,46 @@ class RunContext:
             self._task = arch_for(config, str(self.recipe.model_path)).task
         return self._task
 
-    def reference_model(self) -> tuple[Any, Any]:
-        if self._model is None:
+    @property
+    def source_path(self) -> Path:
+        return self.source or self.recipe.model_path
+
+    def model_at(self, path: Path) -> tuple[Any, Any]:
+        """A PyTorch model and tokenizer from a folder, loaded once per run."""
+        if path not in self._models:
             from .runtime.torch_lm import load_hf_causal_lm
 
-            self.say("loading the PyTorch reference model")
-            self._model, self._tokenizer = load_hf_causal_lm(
-                self.recipe.model_path, self.recipe.recipe.model.trust_remote_code, self.task
-            )
-        return self._model, self._tokenizer
+            self.say(f"loading the PyTorch model from {path}")
+            self._models[path] = load_hf_causal_lm(path, self.recipe.recipe.model.trust_remote_code, self.task)
+        return self._models[path]
+
+    def original_model(self) -> tuple[Any, Any]:
+        return self.model_at(self.recipe.model_path)
+
+    def reference_model(self) -> tuple[Any, Any]:
+        """The model ONNX stages are exported from and verified against."""
+        return self.model_at(self.source_path)
 
     def tokenizer(self) -> Any:
         return self.reference_model()[1]
 
     def reference(self):
-        """PyTorch outputs on the verification cases, computed once per run."""
-        if self._reference is None:
+        """PyTorch outputs on the verification cases, computed once per run and reference model."""
+        path = self.source_path
+        if path not in self._references:
             model, tokenizer = self.reference_model()
             self.say("computing PyTorch reference outputs")
             if self.task == "causal-lm":
                 from .runtime.torch_lm import TorchLM
                 from .verify.accuracy import build_reference
 
-                self._reference = build_reference(TorchLM(model), tokenizer, self.verify_spec)
+                self._references[path] = build_reference(TorchLM(model), tokenizer, self.verify_spec)
             else:
                 from .verify.embedding import build_embedding_reference
 
-                self._reference = build_embedding_reference(model, tokenizer, self.pooling(), self.verify_spec)
-        return self._reference
+                self._references[path] = build_embedding_reference(model, tokenizer, self.pooling(),
+                                                                   self.verify_spec)
+        return self._references[path]
 
     def pooling(self) -> dict[str, Any]:
         from .stages.load import sentence_pooling

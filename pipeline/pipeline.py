@@ -149,6 +149,8 @@ class Pipeline:
             for stage in stages:
                 result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check)
                 results.append(result)
+                if stage.name == "quantize" and parent is not None:
+                    ctx.source = parent.path / "model"  # later stages export and verify the quantized model
                 if not result.verify["passed"]:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
         except EnginewrightError as exc:

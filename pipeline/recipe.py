@@ -97,6 +97,44 @@ class PrecisionStage(Strict):
         return self
 
 
+class QuantizeVerify(Strict):
+    """Quality gates of the quantize stage, against the original model on held-out text."""
+
+    max_kl_mean: float | None = Field(default=None, gt=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_perplexity_increase: float | None = Field(default=None, gt=0,
+                                                  description="Relative: 0.05 allows perplexity 5% above the original.")
+
+
+# Gates a quantize stage starts from, by weight bits (its own verify section overrides them).
+QUANTIZE_VERIFY_DEFAULTS: dict[int, dict[str, float]] = {
+    4: {"max_kl_mean": 0.2, "min_top1_agreement": 0.8, "max_perplexity_increase": 0.5},
+    8: {"max_kl_mean": 0.01, "min_top1_agreement": 0.97, "max_perplexity_increase": 0.05},
+}
+
+
+class QuantizeStage(Strict):
+    type: Literal["quantize"]
+    method: Literal["rtn"] = Field(description="Round-to-nearest weight-only; the reference for other methods.")
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(default=128, description="Input channels per scale; -1: one scale per output channel.")
+    symmetric: bool = False
+    exclude: tuple[str, ...] = Field(default=("lm_head",), description="Linear layers (name suffixes) kept in FP32.")
+    verify: QuantizeVerify | None = None
+
+    @model_validator(mode="after")
+    def _group(self) -> "QuantizeStage":
+        if self.group_size != -1 and self.group_size < 2:
+            raise ValueError(f"group_size must be -1 (per output channel) or at least 2, got {self.group_size}")
+        return self
+
+    def gates(self) -> dict[str, float | None]:
+        gates: dict[str, float | None] = dict(QUANTIZE_VERIFY_DEFAULTS[self.bits])
+        if self.verify is not None:
+            gates.update({k: getattr(self.verify, k) for k in self.verify.model_fields_set})
+        return gates
+
+
 class OrtEngineStage(Strict):
     type: Literal["engine"]
     backend: Literal["onnxruntime"] = "onnxruntime"
@@ -106,10 +144,11 @@ class OrtEngineStage(Strict):
     allow_spinning: bool = Field(default=False, description="Thread spinning; off is faster on shared cores.")
 
 
-StageSpec = Annotated[Union[ExportStage, SimplifyStage, PrecisionStage, OrtEngineStage], Field(discriminator="type")]
+StageSpec = Annotated[Union[QuantizeStage, ExportStage, SimplifyStage, PrecisionStage, OrtEngineStage],
+                      Field(discriminator="type")]
 
 # Stages run in this order; each may appear at most once.
-STAGE_ORDER = ("export", "simplify", "precision", "engine")
+STAGE_ORDER = ("quantize", "export", "simplify", "precision", "engine")
 
 
 class LatencySpec(Strict):
@@ -170,8 +209,8 @@ class Recipe(Strict):
         positions = [STAGE_ORDER.index(n) for n in names]
         if positions != sorted(positions):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(names)}")
-        if names[0] != "export":
-            raise ValueError("the first stage must be 'export' (every later stage works on the ONNX model)")
+        if "export" not in names:
+            raise ValueError("a recipe needs an 'export' stage (every later stage works on the ONNX model)")
         return self
 
     def stage(self, name: str):
@@ -182,6 +221,8 @@ class Recipe(Strict):
         one, in order, its precision mode's defaults and its own verify overrides."""
         spec = self.verify
         for stage in self.stages:
+            if isinstance(stage, QuantizeStage):  # its gates are its own (QuantizeStage.gates)
+                continue
             updates: dict[str, Any] = {}
             if isinstance(stage, PrecisionStage):
                 updates.update(PRECISION_VERIFY_DEFAULTS[stage.mode])

@@ -7,6 +7,7 @@ from typing import Any
 
 STAGES: dict[str, str] = {
     "load": "pipeline.stages.load:LoadStage",
+    "quantize": "pipeline.stages.quantize:QuantizeStage",
     "export": "pipeline.stages.export:ExportStage",
     "simplify": "pipeline.stages.simplify:SimplifyStage",
     "precision": "pipeline.stages.precision:PrecisionStage",

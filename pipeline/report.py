@@ -69,6 +69,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append([s["name"], "hit" if s["cached"] else "built", f"{s['seconds']:.2f}", verdict,
                      f"`{s['key'][:12]}…`", f"`{s['artifact']}`"])
     lines += _table(["stage", "cache", "seconds", "verify", "key", "artifact"], rows)
+    quantized = [s for s in report["stages"] if "perplexity_ref" in s["verify"]["metrics"]]
+    if quantized:
+        lines += ["", "## Quantization against the original model (checkpoint reloaded from disk)", ""]
+        lines += _table(["stage", "perplexity", "original", "change", "KL", "top-1", "seconds", "peak RSS MB"],
+                        [[s["name"], f"{m['perplexity']:.4f}", f"{m['perplexity_ref']:.4f}",
+                          f"{m['perplexity_change']:+.2%}", f"{m['kl_mean']:.3e}", f"{m['top1_agreement']:.2%}",
+                          f"{m['quantize_seconds']:.2f}", f"{m['peak_rss_mb']:.0f}"]
+                         for s in quantized for m in [s["verify"]["metrics"]]])
+        lines += ["", "ONNX stages after a quantize stage are verified against the quantized PyTorch model."]
     onnx_stages = [s for s in report["stages"] if "prefill_max_abs_diff" in s["verify"]["metrics"]]
     encoder_stages = [s for s in report["stages"] if "embedding_cosine_min" in s["verify"]["metrics"]]
     if encoder_stages:
@@ -104,6 +113,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def accuracy_summary(m: dict[str, Any]) -> str:
     """One line for the terminal summary."""
+    if "perplexity_ref" in m:
+        return (f"ppl {m['perplexity']:.3f} vs {m['perplexity_ref']:.3f} ({m['perplexity_change']:+.1%}), "
+                f"KL {m['kl_mean']:.1e}, top-1 {m['top1_agreement']:.1%} (vs original)")
     if "embedding_cosine_min" in m:
         return (f"cos min {m['embedding_cosine_min']:.5f}, hidden Δ {m['hidden_max_abs_diff']:.1e}, "
                 f"ranking {'kept' if m['pair_ranking_preserved'] else 'CHANGED'}")
