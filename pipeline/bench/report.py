@@ -48,7 +48,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["", "## Failures", ""] + [f"- {k}: {v}" for k, v in data["failures"].items()]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     lines += ["", "Roofline: weight bytes read per batch-1 decode step (the engine's weights less the embedding "
-              "table) times tokens/s, over the measured memory bandwidth."]
+              "table) times tokens/s, over the memory bandwidth of a one-thread copy measured in the same run; with "
+              "more threads an engine can draw more bandwidth than one thread does, so ratios above 1 are possible."]
     return "\n".join(lines) + "\n"
 
 
