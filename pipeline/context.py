@@ -19,6 +19,7 @@ class RunContext:
     # the PyTorch model that ONNX stages are checked against: the recipe's model, or the quantized
     # checkpoint once a quantize stage has run (set by the pipeline)
     source: Path | None = None
+    quantized: Path | None = None  # the quantize stage's cache entry, for lowering its integers
     _models: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
     _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None

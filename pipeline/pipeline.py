@@ -151,6 +151,7 @@ class Pipeline:
                 results.append(result)
                 if stage.name == "quantize" and parent is not None:
                     ctx.source = parent.path / "model"  # later stages export and verify the quantized model
+                    ctx.quantized = parent.path
                 if not result.verify["passed"]:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
         except EnginewrightError as exc:

@@ -70,12 +70,20 @@ PRECISION_VERIFY_DEFAULTS: dict[str, dict[str, float | None]] = {
                      "min_top1_agreement": 0.85, "min_cosine": 0.98},
     "int8-qdq": {"prefill_atol": None, "decode_atol": None, "min_greedy_match": 0.0, "max_kl_mean": 0.05,
                  "min_top1_agreement": 0.85, "min_cosine": 0.98},
+    # int4 lowers the quantize stage's own integers: checked against the quantized PyTorch model
+    "int4": {"prefill_atol": 1e-3, "decode_atol": 1e-3, "min_greedy_match": 0.9, "max_kl_mean": 1e-4,
+             "min_top1_agreement": 0.99, "min_cosine": 0.999},
 }
 
 
 class PrecisionStage(Strict):
     type: Literal["precision"]
-    mode: Literal["fp16", "int8-dynamic", "int8-qdq"]
+    mode: Literal["fp16", "int8-dynamic", "int8-qdq", "int4"]
+    int4_format: Literal["matmulnbits", "dq"] = Field(
+        default="matmulnbits",
+        description="int4: com.microsoft.MatMulNBits (ONNX Runtime) or blocked DequantizeLinear (opset 21, TensorRT).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        default=0, description="MatMulNBits compute type: 0 = as the input (exact), 4 = int8 (faster, approximate).")
     target: Literal["cpu", "tensorrt"] = Field(
         default="cpu", description="INT8 activations: unsigned on CPU (fast kernels), signed symmetric for TensorRT.")
     per_channel: bool = True
@@ -90,6 +98,9 @@ class PrecisionStage(Strict):
 
     @model_validator(mode="after")
     def _calibration(self) -> "PrecisionStage":
+        if self.mode == "int4" and self.calibration is not None:
+            raise ValueError("mode int4 lowers the quantize stage's integers and does not calibrate; "
+                             "remove the calibration section")
         if self.mode == "int8-qdq" and self.calibration is None:
             raise ValueError("mode int8-qdq needs a calibration section (text, samples, seq_len, seed, method)")
         if self.mode != "int8-qdq" and self.calibration is not None:
@@ -211,6 +222,14 @@ class Recipe(Strict):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(names)}")
         if "export" not in names:
             raise ValueError("a recipe needs an 'export' stage (every later stage works on the ONNX model)")
+        precision, quantize, export = self.stage("precision"), self.stage("quantize"), self.stage("export")
+        if precision is not None and precision.mode == "int4":
+            if quantize is None or quantize.bits != 4:
+                raise ValueError("precision mode int4 lowers the integers of a 4-bit quantize stage; add "
+                                 "'- type: quantize' with bits: 4 before export, or choose int8-dynamic")
+            if precision.int4_format == "dq" and export.opset < 21:
+                raise ValueError(f"int4_format dq needs INT4 DequantizeLinear (opset 21); export.opset is "
+                                 f"{export.opset}: set it to 21 or more")
         return self
 
     def stage(self, name: str):

@@ -28,6 +28,9 @@ class SessionSettings:
     graph_optimization_level: str = "all"
     intra_op_threads: int = 1
     allow_spinning: bool = False
+    # accuracy level of the MatMulNBits that ONNX Runtime fuses from INT4 DequantizeLinear + MatMul
+    # (its own default is 4, int8 compute); None leaves ONNX Runtime's default
+    dq_matmulnbits_accuracy_level: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,6 +47,9 @@ class SessionSettings:
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         opts.log_severity_level = 3
+        if self.dq_matmulnbits_accuracy_level is not None:
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                          str(self.dq_matmulnbits_accuracy_level))
         if optimized_model_path is not None:
             opts.optimized_model_filepath = str(optimized_model_path)
         return opts

@@ -22,12 +22,16 @@ from .base import Stage, Verification
 
 class OrtEngineStage(Stage):
     name = "engine"
-    version = 1
+    version = 2
     target_specific = True
     tools = ("onnxruntime",)
 
     def target(self) -> dict[str, Any]:
         return ort_cpu_target(self.spec.execution_provider)
+
+    def _int4_accuracy(self) -> int | None:
+        precision = self.ctx.recipe.recipe.stage("precision")
+        return precision.accuracy_level if precision is not None and precision.mode == "int4" else None
 
     def build_settings(self) -> SessionSettings:
         return SessionSettings(
@@ -35,6 +39,7 @@ class OrtEngineStage(Stage):
             graph_optimization_level=self.spec.graph_optimization_level,
             intra_op_threads=self.spec.intra_op_threads,
             allow_spinning=self.spec.allow_spinning,
+            dq_matmulnbits_accuracy_level=self._int4_accuracy(),
         )
 
     def load_settings(self) -> SessionSettings:
@@ -43,6 +48,7 @@ class OrtEngineStage(Stage):
             graph_optimization_level="disabled",
             intra_op_threads=self.spec.intra_op_threads,
             allow_spinning=self.spec.allow_spinning,
+            dq_matmulnbits_accuracy_level=self._int4_accuracy(),
         )
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:

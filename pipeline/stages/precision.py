@@ -152,7 +152,7 @@ class KVCalibrationReader:
 
 class PrecisionStage(Stage):
     name = "precision"
-    version = 2
+    version = 3
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
 
@@ -179,6 +179,8 @@ class PrecisionStage(Stage):
                     self._fp16(src, out / "model.onnx", external)
                 elif self.spec.mode == "int8-dynamic":
                     self._int8_dynamic(src, out / "model.onnx", nodes, external)
+                elif self.spec.mode == "int4":
+                    meta["lowering"] = self._int4(src, out / "model.onnx", external)
                 else:
                     meta["calibration"] = self._int8_qdq(src, out / "model.onnx", io, nodes, external)
             except EnginewrightError:
@@ -187,7 +189,8 @@ class PrecisionStage(Stage):
                 raise StageError(f"precision {self.spec.mode} failed on {src}: {type(exc).__name__}: {exc}") from exc
         shutil.copy2(parent.file("io.json"), out / "io.json")
         result = onnx.load(str(out / "model.onnx"), load_external_data=False)
-        meta["quantized_nodes"] = nodes if self.spec.mode != "fp16" else []
+        meta["quantized_nodes"] = (meta["lowering"]["lowered"] if self.spec.mode == "int4"
+                                   else nodes if self.spec.mode != "fp16" else [])
         meta["nodes"] = len(result.graph.node)
         meta["op_types"] = sorted({n.op_type for n in result.graph.node})
         return meta
@@ -201,6 +204,22 @@ class PrecisionStage(Stage):
                                              op_block_list=list(self.spec.fp32_op_types), disable_shape_infer=True)
         dedupe_nodes(converted)
         save_model(converted, dst, external)
+
+    def _int4(self, src: Path, dst: Path, external: bool) -> dict[str, Any]:
+        import onnx
+
+        from ..lowering import load_qparams, lower_int4
+
+        if self.ctx.quantized is None:
+            raise StageError("precision int4 needs the quantize stage's artifact, which this run does not have")
+        info, params = load_qparams(self.ctx.quantized)
+        model = onnx.load(str(src))
+        result = lower_int4(model, info, params, self.spec.int4_format, self.spec.accuracy_level)
+        if result["not_found"]:
+            raise StageError(f"INT4 lowering found no MatMul carrying the weights of {result['not_found'][:3]} "
+                             f"({len(result['not_found'])} layers); the exported graph changed them")
+        save_model(model, dst, external)
+        return result
 
     def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
