@@ -84,7 +84,7 @@ def test_mha_model_exports(tmp_path):
 
 
 def test_external_data_through_every_stage(tmp_path, random_llama):
-    """The >2 GB path (weights in model.onnx.data) exercised on a tiny model by lowering the threshold."""
+    """The >2 GB path (weights in external data) exercised on a tiny model by lowering the threshold."""
     from pathlib import Path
 
     recipe = write_recipe(tmp_path / "r.yaml", random_llama, stages="""
@@ -92,10 +92,13 @@ def test_external_data_through_every_stage(tmp_path, random_llama):
     external_data_threshold_mb: 0.01
   - type: simplify
     tool: onnxslim
+  - type: precision
+    mode: fp16
+    verify: {min_top1_agreement: 0.0}
   - type: engine
 """)
     result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
-    for name in ("export", "simplify", "engine"):
+    for name in ("export", "simplify", "precision", "engine"):
         folder = Path(result.stage(name).artifact).parent
         assert (folder / "model.onnx.data").is_file(), name
         assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size, name
