@@ -91,7 +91,7 @@ def _pipeline_engine(model_dir: Path, variant: str, out: Path, cache_dir: Path, 
     before, after = PIPELINE_VARIANTS[variant]
     recipe.write_text(
         f"schema_version: 1\nname: bench-{model_dir.name}-{variant}\nmodel:\n  path: {model_dir}\nstages:\n"
-        f"{before}  - type: export\n  - type: simplify\n{after}  - type: engine\n    intra_op_threads: 1\n"
+        f"{before}  - type: export\n    opset: 23\n  - type: simplify\n{after}  - type: engine\n    intra_op_threads: 1\n"
         "verify:\n  greedy_tokens: 8\n  min_greedy_match: 0.0\n  eval_windows: 2\n"
         "  latency: {warmup: 0, repeats: 1, prompt_tokens: 16, decode_tokens: 4}\n"
     )
