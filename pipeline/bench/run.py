@@ -47,6 +47,7 @@ QUICK = Workloads(prompt=32, new=16, prefill=128, batch=4, reps=2)
 LOOSE = "    verify: {max_kl_mean: 1.0, min_top1_agreement: 0.0, prefill_atol: null, decode_atol: null}\n"
 PIPELINE_VARIANTS = {
     "enginewright-fp32": ("", ""),
+    "enginewright-fp32-opset18": ("", ""),  # the same engine before the opset-23 fused ops, for comparison
     "enginewright-int8-dynamic": ("", "  - type: precision\n    mode: int8-dynamic\n" + LOOSE),
     "enginewright-int8-qdq": ("", "  - type: precision\n    mode: int8-qdq\n    calibration: {samples: 8, seq_len: 64}\n"
                               + LOOSE),
@@ -89,9 +90,10 @@ def _pipeline_engine(model_dir: Path, variant: str, out: Path, cache_dir: Path, 
     recipes.mkdir(parents=True, exist_ok=True)
     recipe = recipes / f"{model_dir.name}-{variant}.yaml"
     before, after = PIPELINE_VARIANTS[variant]
+    opset = 18 if variant.endswith("-opset18") else 23
     recipe.write_text(
         f"schema_version: 1\nname: bench-{model_dir.name}-{variant}\nmodel:\n  path: {model_dir}\nstages:\n"
-        f"{before}  - type: export\n    opset: 23\n  - type: simplify\n{after}  - type: engine\n    intra_op_threads: 1\n"
+        f"{before}  - type: export\n    opset: {opset}\n  - type: simplify\n{after}  - type: engine\n    intra_op_threads: 1\n"
         "verify:\n  greedy_tokens: 8\n  min_greedy_match: 0.0\n  eval_windows: 2\n"
         "  latency: {warmup: 0, repeats: 1, prompt_tokens: 16, decode_tokens: 4}\n"
     )
