@@ -129,15 +129,12 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
 @cache_option
 def bench(quick: bool, out_dir: Path, cache_dir: Path | None) -> None:
     """Benchmark every engine side by side with PyTorch and the peers (speed, memory, agreement, roofline)."""
-    import os
-
     from .bench.run import run_bench
-    from .pipeline import DEFAULT_CACHE
+    from .pipeline import cache_root
 
     console = _console()
-    cache_root = cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE))
     try:
-        result = run_bench(out_dir, cache_root, quick=quick,
+        result = run_bench(out_dir, cache_root(cache_dir), quick=quick,
                            say=lambda m: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}", highlight=False))
     except EnginewrightError as exc:
         _fail(exc)
@@ -156,11 +153,10 @@ def cache() -> None:
 @cache_option
 def cache_ls(cache_dir: Path | None) -> None:
     """List cache entries: key, stage, recipe, size, age."""
-    from .cache import entry_size
-    from .pipeline import DEFAULT_CACHE, ArtifactCache
-    import os
+    from .cache import ArtifactCache, entry_size
+    from .pipeline import cache_root
 
-    store = ArtifactCache(cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE)))
+    store = ArtifactCache(cache_root(cache_dir))
     total = 0
     for e in store.entries():
         size = entry_size(e.path)
@@ -180,12 +176,11 @@ def cache_ls(cache_dir: Path | None) -> None:
 @cache_option
 def cache_gc(max_size_mb: float | None, keep_runs: int, dry_run: bool, cache_dir: Path | None) -> None:
     """Delete entries that recent runs do not use (all of them, or down to --max-size)."""
-    import os
-
+    from .cache import ArtifactCache
     from .gc import collect
-    from .pipeline import DEFAULT_CACHE, ArtifactCache
+    from .pipeline import cache_root
 
-    store = ArtifactCache(cache_dir or Path(os.environ.get("ENGINEWRIGHT_CACHE", DEFAULT_CACHE)))
+    store = ArtifactCache(cache_root(cache_dir))
     removed, kept = collect(store, keep_runs=keep_runs, max_bytes=None if max_size_mb is None else max_size_mb * 1e6,
                             dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"

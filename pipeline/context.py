@@ -23,7 +23,7 @@ class RunContext:
     _models: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
     _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None
-    _baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _baselines: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def verify_spec(self):
@@ -94,13 +94,21 @@ class RunContext:
         text = load_text("pydoc:eval").content
         return latency_prompt(self.tokenizer(), text, self.verify_spec.latency.prompt_tokens)
 
+    def baseline(self, key: Any, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A PyTorch baseline measurement, taken once per run for each key."""
+        if key not in self._baselines:
+            self._baselines[key] = measure()
+        return self._baselines[key]
+
     def baseline_latency(self, threads: int) -> dict[str, Any]:
-        """PyTorch eager latency with the same thread count, measured once per run."""
-        if threads not in self._baselines:
+        """PyTorch eager decode latency with the same thread count, measured once per run."""
+
+        def measure() -> dict[str, Any]:
             from .runtime.torch_lm import TorchLM
             from .verify.latency import measure_latency
 
             self.say(f"timing the PyTorch eager baseline ({threads or 'all'} threads)")
             runner = TorchLM(self.reference_model()[0], threads=threads or None)
-            self._baselines[threads] = measure_latency(runner, self.latency_prompt(), self.verify_spec.latency)
-        return self._baselines[threads]
+            return measure_latency(runner, self.latency_prompt(), self.verify_spec.latency)
+
+        return self.baseline(("decode", threads), measure)

@@ -66,12 +66,16 @@ class RunResult:
         return next(s for s in self.stages if s.name == name)
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The artifact cache: the given folder, else $ENGINEWRIGHT_CACHE, else ./artifacts."""
+    return Path(cache_dir or os.environ.get("ENGINEWRIGHT_CACHE") or DEFAULT_CACHE)
+
+
 class Pipeline:
     def __init__(self, recipe: LoadedRecipe, cache_dir: str | Path | None = None,
                  say: Callable[[str], None] | None = None):
         self.recipe = recipe
-        root = cache_dir or os.environ.get("ENGINEWRIGHT_CACHE") or DEFAULT_CACHE
-        self.cache = ArtifactCache(Path(root))
+        self.cache = ArtifactCache(cache_root(cache_dir))
         self.say = say or (lambda msg: None)
 
     @classmethod

@@ -87,17 +87,19 @@ def verify_onnx_encoder(ctx: RunContext, spec: VerifySpec, model: Path, settings
     ctx.say(f"verifying {model.name}: latency")
     metrics.update(measure_encoder_latency(run, ref.batch, spec.latency))
     threads = settings.intra_op_threads
-    if threads not in ctx._baselines:
+
+    def measure() -> dict:
         import torch
 
         previous = torch.get_num_threads()
         torch.set_num_threads(threads or previous)
         try:
-            ctx._baselines[threads] = measure_encoder_latency(
-                torch_encoder(ctx.reference_model()[0], ctx.pooling()), ref.batch, spec.latency)
+            return measure_encoder_latency(torch_encoder(ctx.reference_model()[0], ctx.pooling()), ref.batch,
+                                           spec.latency)
         finally:
             torch.set_num_threads(previous)
-    baseline = ctx._baselines[threads]
+
+    baseline = ctx.baseline(("encoder", threads), measure)
     metrics["threads"] = threads
     metrics["baseline_sentences_per_s"] = baseline["sentences_per_s"]
     metrics["baseline_batch_ms_p50"] = baseline["batch_ms_p50"]
