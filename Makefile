@@ -13,7 +13,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant]'
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,bench]'
 	touch $(BENCH_STAMP)
 
 # `make bench` (about 15 minutes on 2 cores) or `make bench QUICK=1` (about 2 minutes)

@@ -118,32 +118,122 @@ class QuantizeVerify(Strict):
 
 
 # Gates a quantize stage starts from, by weight bits (its own verify section overrides them).
-QUANTIZE_VERIFY_DEFAULTS: dict[int, dict[str, float]] = {
+QUANTIZE_VERIFY_DEFAULTS: dict[int | str, dict[str, float]] = {
     4: {"max_kl_mean": 0.2, "min_top1_agreement": 0.8, "max_perplexity_increase": 0.5},
     8: {"max_kl_mean": 0.01, "min_top1_agreement": 0.97, "max_perplexity_increase": 0.05},
+    # weights and activations in INT8 (activations static, per tensor)
+    "w8a8": {"max_kl_mean": 0.03, "min_top1_agreement": 0.93, "max_perplexity_increase": 0.15},
+}
+
+
+class QuantizeCalibration(Strict):
+    """Calibration windows for the quantize stage (the text's content hash is part of the cache key)."""
+
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=64, ge=1, le=4096)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    seed: int = 0
+
+
+# Which weight bits each method takes, and whether it calibrates.
+QUANTIZE_METHODS: dict[str, dict[str, Any]] = {
+    "rtn": {"bits": (4, 8), "calibrates": False},
+    "gptq": {"bits": (4, 8), "calibrates": True},
+    "awq": {"bits": (4,), "calibrates": True},
+    "smoothquant": {"bits": (8,), "calibrates": True},
+    "bitsandbytes": {"bits": (4, 8), "calibrates": False},
 }
 
 
 class QuantizeStage(Strict):
     type: Literal["quantize"]
-    method: Literal["rtn"] = Field(description="Round-to-nearest weight-only; the reference for other methods.")
-    bits: Literal[4, 8] = 4
-    group_size: int = Field(default=128, description="Input channels per scale; -1: one scale per output channel.")
-    symmetric: bool = False
+    method: Literal["rtn", "gptq", "awq", "smoothquant", "bitsandbytes"] = Field(
+        description="rtn: round-to-nearest weight-only (the reference); gptq, awq: weight-only with calibration "
+                    "(GPT-QModel); smoothquant: W8A8 INT8 with smoothing; bitsandbytes: NF4/FP4/LLM.int8() "
+                    "for the PyTorch runtime only.")
+    bits: Literal[4, 8] | None = Field(default=None, description="Weight bits; default 4 (smoothquant: 8).")
+    group_size: int | None = Field(
+        default=None, description="Input channels per scale; -1: one scale per output channel. "
+                                  "Default 128 for 4 bits, -1 for 8 bits.")
+    symmetric: bool | None = Field(default=None, description="Default: asymmetric for 4 bits, symmetric for 8 bits.")
     exclude: tuple[str, ...] = Field(default=("lm_head",), description="Linear layers (name suffixes) kept in FP32.")
+    calibration: QuantizeCalibration | None = Field(default=None, description="gptq, awq, smoothquant.")
+    damp_percent: float | None = Field(default=None, gt=0, lt=1, description="gptq: Hessian dampening.")
+    alpha: float | None = Field(default=None, ge=0, le=1,
+                                description="smoothquant: migration strength (0: none, 1: all to the weights); 0.5.")
+    bnb_type: Literal["nf4", "fp4", "int8"] | None = Field(default=None, description="bitsandbytes: nf4 (default), "
+                                                                                     "fp4 or int8 (LLM.int8()).")
+    double_quant: bool | None = Field(default=None, description="bitsandbytes 4-bit: quantize the scales too.")
     verify: QuantizeVerify | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("method") not in QUANTIZE_METHODS:
+            return data
+        data = dict(data)
+        method = data["method"]
+        if method == "bitsandbytes":
+            kind = data.setdefault("bnb_type", "nf4")
+            data.setdefault("bits", 8 if kind == "int8" else 4)
+            if kind != "int8":
+                data.setdefault("double_quant", True)
+        data.setdefault("bits", 8 if method == "smoothquant" else 4)
+        bits = data["bits"]
+        data.setdefault("group_size", 128 if bits == 4 and method != "bitsandbytes" else -1)
+        data.setdefault("symmetric", bits == 8)
+        if method == "smoothquant":
+            data.setdefault("alpha", 0.5)
+        if QUANTIZE_METHODS[method]["calibrates"]:
+            data.setdefault("calibration", {})
+        return data
+
     @model_validator(mode="after")
-    def _group(self) -> "QuantizeStage":
+    def _check(self) -> "QuantizeStage":
+        method, allowed = self.method, QUANTIZE_METHODS[self.method]
+        if self.bits not in allowed["bits"]:
+            raise ValueError(f"method {method} quantizes to {' or '.join(map(str, allowed['bits']))} bits, "
+                             f"not {self.bits}")
         if self.group_size != -1 and self.group_size < 2:
             raise ValueError(f"group_size must be -1 (per output channel) or at least 2, got {self.group_size}")
+        if self.calibration is not None and not allowed["calibrates"]:
+            raise ValueError(f"method {method} does not calibrate; remove the calibration section")
+        only = {"alpha": "smoothquant", "damp_percent": "gptq", "bnb_type": "bitsandbytes",
+                "double_quant": "bitsandbytes"}
+        for name, owner in only.items():
+            if getattr(self, name) is not None and method != owner:
+                raise ValueError(f"{name} is a {owner} parameter; method {method} does not take it")
+        if method == "smoothquant" and (self.group_size != -1 or not self.symmetric):
+            raise ValueError("smoothquant quantizes weights symmetric per output channel: use group_size -1 "
+                             "and symmetric true (or leave both out)")
+        if method == "awq" and (self.group_size == -1 or self.symmetric):
+            raise ValueError("awq here is asymmetric per group (the GEMM layout): set a group_size such as 128 "
+                             "and symmetric false (or leave both out)")
+        if method == "bitsandbytes":
+            if (self.bits == 8) != (self.bnb_type == "int8"):
+                raise ValueError(f"bnb_type {self.bnb_type} is {4 if self.bits == 8 else 8}-bit; bits says "
+                                 f"{self.bits}: leave bits out")
+            if "group_size" in self.model_fields_set and self.group_size != -1:
+                raise ValueError("bitsandbytes fixes its own block size (64 for 4-bit); remove group_size")
+        if method == "gptq" and self.bits == 8 and self.group_size != -1:
+            raise ValueError("gptq 8-bit is per output channel here: group_size -1")
         return self
 
     def gates(self) -> dict[str, float | None]:
-        gates: dict[str, float | None] = dict(QUANTIZE_VERIFY_DEFAULTS[self.bits])
+        w8a8 = self.method == "smoothquant"
+        gates: dict[str, float | None] = dict(QUANTIZE_VERIFY_DEFAULTS["w8a8" if w8a8 else self.bits])
         if self.verify is not None:
             gates.update({k: getattr(self.verify, k) for k in self.verify.model_fields_set})
         return gates
+
+    @property
+    def exportable(self) -> bool:
+        return self.method != "bitsandbytes"
+
+    @property
+    def weight_only(self) -> bool:
+        """Integers the precision stage can lower (qweight, scales, zeros per layer)."""
+        return self.method in ("rtn", "gptq", "awq")
 
 
 class OrtEngineStage(Strict):
@@ -220,13 +310,22 @@ class Recipe(Strict):
         positions = [STAGE_ORDER.index(n) for n in names]
         if positions != sorted(positions):
             raise ValueError(f"stages must run in the order {' -> '.join(STAGE_ORDER)}; got {' -> '.join(names)}")
-        if "export" not in names:
-            raise ValueError("a recipe needs an 'export' stage (every later stage works on the ONNX model)")
         precision, quantize, export = self.stage("precision"), self.stage("quantize"), self.stage("export")
+        if quantize is not None and not quantize.exportable and len(names) > 1:
+            raise ValueError(
+                f"method {quantize.method} quantizes for the PyTorch runtime: its NF4/FP4 codebooks and LLM.int8() "
+                f"outlier split have no ONNX operators, so it cannot be followed by {', '.join(names[1:])}. To ship "
+                "an ONNX engine choose method gptq, awq or rtn (weight-only, lowered by precision mode int4) or "
+                "smoothquant (W8A8, then precision mode int8-qdq); to ship a bitsandbytes checkpoint keep only "
+                "the quantize stage")
+        if "export" not in names and names != ["quantize"]:
+            raise ValueError("a recipe needs an 'export' stage (every later stage works on the ONNX model); only a "
+                             "recipe whose single stage is quantize ships a PyTorch checkpoint without it")
         if precision is not None and precision.mode == "int4":
-            if quantize is None or quantize.bits != 4:
-                raise ValueError("precision mode int4 lowers the integers of a 4-bit quantize stage; add "
-                                 "'- type: quantize' with bits: 4 before export, or choose int8-dynamic")
+            if quantize is None or not quantize.weight_only or quantize.bits != 4:
+                raise ValueError("precision mode int4 lowers the integers of a 4-bit weight-only quantize stage "
+                                 "(rtn, gptq or awq); add '- type: quantize' with one of those methods and bits: 4 "
+                                 "before export, or choose int8-dynamic")
             if precision.int4_format == "dq" and export.opset < 21:
                 raise ValueError(f"int4_format dq needs INT4 DequantizeLinear (opset 21); export.opset is "
                                  f"{export.opset}: set it to 21 or more")

@@ -1,18 +1,31 @@
-"""quantize: weight quantization of the PyTorch model, before export.
+"""quantize: quantization of the PyTorch model, before export.
 
-Today one method: round-to-nearest (RTN), INT8 per channel or INT4 per group, symmetric or
-asymmetric; the reference every other method is to be measured against. The stage writes
+Methods (recipe field `method`):
 
-    model/                 a Hugging Face checkpoint whose Linear weights are the dequantized
-                           values (q - zero) * scale: exactly the quantized model, in FP32, loadable
-                           by any transformers
-    qparams.safetensors    per layer: `<name>.qweight` (uint8, [out, in]), `<name>.scales`
-                           (float32, [out, in / group]), `<name>.zeros` (uint8, same shape): the
-                           integers a later lowering into ONNX must reproduce
-    quantization.json      method, bits, group size, symmetry, the layers and the layers left out
+    rtn           round-to-nearest weight-only, INT8 per channel or INT4 per group: the reference
+    gptq, awq     weight-only with calibration, through GPT-QModel (pipeline/quant/gptqmodel_runner.py)
+    smoothquant   W8A8 INT8: smoothing folded into norms and weights, static per-tensor activations
+                  (pipeline/quant/smoothquant.py)
+    bitsandbytes  NF4 / FP4 / LLM.int8() for the PyTorch runtime (pipeline/quant/bnb.py)
 
-and is verified on the checkpoint as reloaded from disk, against the original model on held-out
-text: perplexity and its relative change, mean KL of next-token distributions, top-1 agreement.
+The entry holds
+
+    checkpoint/            the quantized Hugging Face checkpoint transformers loads back and runs, in
+                           the method's serving format (GPTQ v1, AWQ GEMM, compressed-tensors W8A8,
+                           bitsandbytes); absent for rtn, whose model/ is its checkpoint
+    model/                 the FP32 model later stages export: the dequantized weights (q - zero) * scale
+                           for weight-only methods, the smoothed FP model for smoothquant; absent for
+                           bitsandbytes, which cannot be exported
+    qparams.safetensors    the integers a lowering into ONNX reproduces, per layer: `.qweight` (uint8
+                           [out, in]), `.scales` (float32 [out, in / group]), `.zeros` (uint8) for
+                           weight-only methods; `.qweight` (int8), `.weight_scale`, `.input_scale` and
+                           `.smooth` for smoothquant
+    quantization.json      method, parameters, calibration identity, layers and layers left out
+
+Verification runs on the checkpoint as reloaded from disk (never the model in memory) against the
+original on held-out text: perplexity and its change, mean KL of next-token distributions, top-1
+agreement; for weight-only methods it also checks that the extracted integers are what the
+checkpoint's own kernels compute with.
 """
 
 from __future__ import annotations
@@ -25,106 +38,194 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import Entry
+from ..calibration import calibration_windows, text_identity
 from ..errors import StageError
 from .base import Stage, Verification
 
-COMMON_GROUPS = (256, 128, 64, 32, 16)
+METHOD_TOOLS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel", "optimum"),
+                "smoothquant": ("compressed-tensors",), "bitsandbytes": ("bitsandbytes", "accelerate")}
+INSTALL_HINT = {"gptqmodel": "BUILD_CUDA_EXT=0 pip install gptqmodel optimum",
+                "compressed_tensors": "pip install compressed-tensors", "bitsandbytes": "pip install bitsandbytes"}
 
 
-def rtn(weight, bits: int, group: int, symmetric: bool):
-    """Round-to-nearest. Returns unsigned q [O, I], scales [O, I/g], unsigned zeros [O, I/g], dequantized."""
-    import torch
+def _require(module: str, method: str) -> None:
+    import importlib.util
 
-    out_f, in_f = weight.shape
-    w = weight.detach().float().reshape(out_f, in_f // group, group)
-    qmax = 2**bits - 1
-    if symmetric:
-        half = 2 ** (bits - 1)
-        scale = w.abs().amax(-1) / (half - 1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.full_like(scale, half)
-    else:
-        lo = torch.minimum(w.amin(-1), torch.zeros(()))
-        hi = torch.maximum(w.amax(-1), torch.zeros(()))
-        scale = (hi - lo) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax)
-    deq = ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
-    return q.reshape(out_f, in_f).to(torch.uint8), scale.float(), zero.to(torch.uint8), deq
-
-
-def group_for(name: str, in_features: int, group_size: int) -> int:
-    if group_size == -1:
-        return in_features
-    if in_features % group_size:
-        works = [g for g in COMMON_GROUPS if in_features % g == 0]
-        hint = f"group_size {works[0]}" if works else "group_size -1 (per channel)"
-        raise StageError(f"layer {name} has {in_features} input channels, not a multiple of group_size "
-                         f"{group_size}; use {hint}, or exclude the layer")
-    return group_size
+    if importlib.util.find_spec(module) is None:
+        raise StageError(f"method {method} needs the Python package {module.replace('_', '-')}, which is not "
+                         f"installed: {INSTALL_HINT.get(module, 'pip install ' + module)}")
 
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 1
-    tools = ("torch", "transformers", "safetensors")
-    memory_factor = 3.0
+    version = 2
+    memory_factor = 4.0
+
+    @property
+    def tools(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("torch", "transformers", "safetensors") + METHOD_TOOLS.get(self.spec.method, ())
+
+    def key_material(self, parent_key: str | None) -> dict[str, Any]:
+        material = super().key_material(parent_key)
+        if self.spec.calibration is not None:
+            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent,
+                                                         where=f"{self.ctx.recipe.path}: stages.quantize.calibration")
+        return material
+
+    # -- build ---------------------------------------------------------------------------------
+
+    def _windows(self, tokenizer):
+        cal = self.spec.calibration
+        calib = calibration_windows(tokenizer, cal.text, cal.samples, cal.seq_len, cal.seed,
+                                    self.ctx.recipe.path.parent, where=f"{self.ctx.recipe.path}: "
+                                                                       "stages.quantize.calibration")
+        return calib
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        spec = self.spec
+        source = self.ctx.recipe.model_path
+        trust = self.ctx.recipe.recipe.model.trust_remote_code
+        info: dict[str, Any] = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+                                "symmetric": spec.symmetric, "exclude": list(spec.exclude)}
+        self.ctx.say(f"quantizing: {self._label()}")
+        start = time.perf_counter()
+        if spec.method == "bitsandbytes":
+            _require("bitsandbytes", spec.method)
+            from ..quant.bnb import quantize_with_bitsandbytes
+
+            got = quantize_with_bitsandbytes(source, out / "checkpoint", spec.bnb_type, bool(spec.double_quant),
+                                             spec.exclude, trust)
+            info.update({"bnb_type": spec.bnb_type, "double_quant": spec.double_quant, "layers": got["layers"],
+                         "library": got["library"]})
+            seconds = got["quantize_seconds"]
+        else:
+            seconds = self._build_exportable(source, out, info)
+        total = time.perf_counter() - start
+        for extra in ("generation_config.json",):
+            for folder in (out / "model", out / "checkpoint"):
+                if folder.is_dir() and (source / extra).is_file() and not (folder / extra).is_file():
+                    shutil.copy2(source / extra, folder / extra)
+        (out / "quantization.json").write_text(json.dumps(info, indent=2) + "\n")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model_info = dict(parent.meta["stage_meta"]["model"])
+        shipped = out / "model" if (out / "model").is_dir() else out / "checkpoint"
+        model_info["weights_bytes"] = sum(p.stat().st_size for p in shipped.glob("*.safetensors"))
+        if (out / "checkpoint").is_dir():
+            info["checkpoint_bytes"] = sum(p.stat().st_size for p in (out / "checkpoint").glob("*.safetensors"))
+        return {"model": model_info, "quantization": info, "quantize_seconds": seconds, "stage_seconds": total,
+                "peak_rss_bytes": peak}
+
+    def _label(self) -> str:
+        s = self.spec
+        if s.method == "bitsandbytes":
+            return f"bitsandbytes {s.bnb_type}"
+        if s.method == "smoothquant":
+            return f"SmoothQuant W8A8 alpha {s.alpha}"
+        group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
+        return f"{s.method.upper()} W{s.bits} {group} {'symmetric' if s.symmetric else 'asymmetric'}"
+
+    def _build_exportable(self, source: Path, out: Path, info: dict[str, Any]) -> float:
         import torch
         from safetensors.torch import save_file
 
         from ..runtime.torch_lm import load_hf_causal_lm
 
-        source = self.ctx.recipe.model_path
-        model, tokenizer = load_hf_causal_lm(source, self.ctx.recipe.recipe.model.trust_remote_code)
         spec = self.spec
-        self.ctx.say(f"quantizing: RTN W{spec.bits} group {spec.group_size} "
-                     f"{'symmetric' if spec.symmetric else 'asymmetric'}")
-        t0 = time.perf_counter()
-        tensors: dict[str, Any] = {}
-        layers, skipped = [], []
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                if not isinstance(module, torch.nn.Linear):
-                    continue
-                if any(name == e or name.endswith("." + e) for e in spec.exclude):
-                    skipped.append(name)
-                    continue
-                group = group_for(name, module.in_features, spec.group_size)
-                q, scale, zero, deq = rtn(module.weight, spec.bits, group, spec.symmetric)
-                module.weight.copy_(deq.to(module.weight.dtype))
-                tensors[f"{name}.qweight"] = q.contiguous()
-                tensors[f"{name}.scales"] = scale.contiguous()
-                tensors[f"{name}.zeros"] = zero.contiguous()
-                layers.append({"name": name, "in": module.in_features, "out": module.out_features, "group": group})
-        seconds = time.perf_counter() - t0
+        model, tokenizer = load_hf_causal_lm(source, self.ctx.recipe.recipe.model.trust_remote_code)
+        calib = self._windows(tokenizer) if spec.calibration is not None else None
+        if calib is not None:
+            info["calibration"] = calib.identity()
+        if spec.method == "rtn":
+            from ..quant.rtn import quantize_rtn
+
+            t0 = time.perf_counter()
+            tensors, layers, skipped = quantize_rtn(model, spec.bits, spec.group_size, spec.symmetric, spec.exclude)
+            seconds = time.perf_counter() - t0
+        elif spec.method in ("gptq", "awq"):
+            tensors, layers, skipped, seconds = self._gptqmodel(source, out, model, calib.windows, info)
+        else:
+            _require("compressed_tensors", spec.method)
+            from ..quant.smoothquant import quantize_w8a8, save_w8a8_checkpoint
+
+            result = quantize_w8a8(model, calib.windows, spec.exclude, spec.alpha)
+            tensors, layers, skipped, seconds = result.tensors, result.layers, result.excluded, result.seconds
+            info["smoothing"] = result.smoothing
+            save_w8a8_checkpoint(model, tokenizer, result, out / "checkpoint")
         if not layers:
             raise StageError(f"no Linear layer of {source} was quantized (all excluded by {list(spec.exclude)})")
-        model.save_pretrained(out / "model", safe_serialization=True)
+        info.update({"layers": layers, "excluded": skipped})
+        if spec.weight_only:
+            info["zero_point"] = "unsigned, weight = (qweight - zeros) * scales"
+        with torch.no_grad():
+            model.save_pretrained(out / "model", safe_serialization=True)
         tokenizer.save_pretrained(out / "model")
-        for extra in ("generation_config.json",):
-            if (source / extra).is_file() and not (out / "model" / extra).is_file():
-                shutil.copy2(source / extra, out / "model" / extra)
-        save_file(tensors, str(out / "qparams.safetensors"))
-        info = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-                "zero_point": "unsigned, (q - zero) * scale", "layers": layers, "excluded": skipped}
-        (out / "quantization.json").write_text(json.dumps(info, indent=2) + "\n")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        model_info = dict(parent.meta["stage_meta"]["model"])
-        model_info["weights_bytes"] = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
-        return {"model": model_info, "quantization": info, "quantize_seconds": seconds, "peak_rss_bytes": peak}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "qparams.safetensors"))
+        return seconds
+
+    def _gptqmodel(self, source: Path, out: Path, model, windows, info: dict[str, Any]):
+        """Quantize with GPT-QModel into checkpoint/, read its integers back, write them into `model`."""
+        import torch
+
+        from ..quant.formats import read_checkpoint_layers
+        from ..quant.gptqmodel_runner import quantize_with_gptqmodel
+        from ..quant.rtn import excluded, group_for
+
+        spec = self.spec
+        _require("gptqmodel", spec.method)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for name, module in linears.items():
+            if not excluded(name, spec.exclude):
+                group_for(name, module.in_features, spec.group_size)  # a clear error before the library runs
+        got = quantize_with_gptqmodel(source, out / "checkpoint", spec.method, spec.bits, spec.group_size,
+                                      spec.symmetric, windows, spec.exclude, spec.damp_percent, list(linears))
+        config = json.loads((out / "checkpoint" / "config.json").read_text()).get("quantization_config", {})
+        info.update({"library": got["library"], "checkpoint_format": config.get("checkpoint_format",
+                                                                                 config.get("format")),
+                     "damp_percent": config.get("damp_percent")})
+        try:
+            read = read_checkpoint_layers(out / "checkpoint", config.get("quant_method", spec.method), spec.bits,
+                                          spec.group_size)
+        except (KeyError, ValueError) as exc:
+            raise StageError(f"reading the {spec.method} checkpoint's integers: {exc}") from None
+        tensors, layers = {}, []
+        with torch.no_grad():
+            for name, layer in read.items():
+                module = linears.get(name)
+                if module is None or tuple(module.weight.shape) != tuple(layer.qweight.shape):
+                    raise StageError(f"the {spec.method} checkpoint has a layer {name} of shape "
+                                     f"{tuple(layer.qweight.shape)} that the model does not")
+                module.weight.copy_(layer.dequantize())
+                tensors[f"{name}.qweight"] = layer.qweight
+                tensors[f"{name}.scales"] = layer.scales
+                tensors[f"{name}.zeros"] = layer.zeros
+                layers.append({"name": name, "in": module.in_features, "out": module.out_features,
+                               "group": layer.group})
+        skipped = sorted(n for n in linears if n not in read)
+        return tensors, layers, skipped, got["quantize_seconds"]
+
+    # -- verify --------------------------------------------------------------------------------
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         from ..verify.quality import quality_against_original
 
-        self.ctx.say("verifying the reloaded checkpoint against the original")
-        metrics = quality_against_original(self.ctx, out / "model")
-        metrics["quantize_seconds"] = meta["quantize_seconds"]
-        metrics["peak_rss_mb"] = meta["peak_rss_bytes"] / 1e6
-        metrics["quantized_layers"] = len(meta["quantization"]["layers"])
-        failures = []
+        checkpoint = out / "checkpoint" if (out / "checkpoint").is_dir() else out / "model"
+        self.ctx.say(f"verifying the reloaded checkpoint {checkpoint.name}/ against the original")
+        metrics = quality_against_original(self.ctx, checkpoint)
+        quant = meta["quantization"]
+        metrics.update({"quantize_seconds": meta["quantize_seconds"], "stage_seconds": meta["stage_seconds"],
+                        "peak_rss_mb": meta["peak_rss_bytes"] / 1e6, "quantized_layers": len(quant["layers"])})
+        failures: list[str] = []
+        notes = [f"gates: {self.spec.gates()}", f"left unquantized: {', '.join(quant.get('excluded', [])) or 'none'}"]
+        if checkpoint.name == "checkpoint" and (out / "model").is_dir():
+            export_metrics = quality_against_original(self.ctx, out / "model")
+            metrics["export_model"] = {k: export_metrics[k] for k in ("kl_mean", "top1_agreement", "perplexity")}
+            notes.append("export_model: the FP32 model/ later stages export (dequantized or smoothed weights)")
+        if self.spec.weight_only and checkpoint.name == "checkpoint":
+            worst = self._kernel_agreement(checkpoint, out)
+            metrics["kernel_weight_max_rel_diff"] = worst
+            if not worst <= 5e-2:
+                failures.append(f"the extracted integers differ from what the checkpoint's kernels compute with "
+                                f"(max relative weight difference {worst:.3g} > 5e-2): the layout was misread")
         gates = self.spec.gates()
         if gates.get("max_kl_mean") is not None and not metrics["kl_mean"] <= gates["max_kl_mean"]:
             failures.append(f"kl_mean {metrics['kl_mean']:.4g} > max_kl_mean {gates['max_kl_mean']:g}")
@@ -135,8 +236,37 @@ class QuantizeStage(Stage):
         if limit is not None and not metrics["perplexity_change"] <= limit:
             failures.append(f"perplexity {metrics['perplexity']:.3f} is {metrics['perplexity_change']:+.1%} from "
                             f"{metrics['perplexity_ref']:.3f} > max_perplexity_increase {limit:g}")
-        notes = [f"gates: {gates}", f"left in FP32: {', '.join(meta['quantization']['excluded']) or 'none'}"]
         return Verification(passed=not failures, metrics=metrics, failures=failures, notes=notes)
 
+    def _kernel_agreement(self, checkpoint: Path, out: Path, probe_columns: int = 256) -> float:
+        """Largest relative difference between the extracted dequantized weights and the effective weights
+        of the reloaded checkpoint's own modules, probed with identity inputs on the first input channels."""
+        import torch
+        from safetensors.torch import load_file
+
+        reloaded, _ = self.ctx.model_at(checkpoint)
+        params = load_file(str(out / "qparams.safetensors"))
+        modules = dict(reloaded.named_modules())
+        worst = 0.0
+        from ..quant.formats import LayerQuant
+
+        for layer in json.loads((out / "quantization.json").read_text())["layers"]:
+            name = layer["name"]
+            mine = LayerQuant(params[f"{name}.qweight"], params[f"{name}.scales"], params[f"{name}.zeros"],
+                              layer["group"]).dequantize()
+            k = min(probe_columns, layer["in"])
+            module = modules[name]
+            probe = torch.zeros(k, layer["in"], dtype=torch.float32)
+            probe[:, :k] = torch.eye(k)
+            with torch.no_grad():
+                effective = module(probe).float()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    effective = effective - bias.float()
+            diff = (effective.T - mine[:, :k]).abs().max().item()
+            worst = max(worst, diff / max(mine.abs().max().item(), 1e-12))
+        return worst
+
     def describe(self, entry: Entry) -> str:
-        return str(entry.file("model"))
+        folder = entry.file("checkpoint")
+        return str(folder if folder.is_dir() else entry.file("model"))

@@ -1,0 +1,63 @@
+"""GPTQ and AWQ through GPT-QModel (the maintained successor of AutoGPTQ and AutoAWQ).
+
+GPT-QModel quantizes a model loaded from a folder with a list of calibration token windows and
+saves a checkpoint that transformers loads back (its GPTQ integration picks a CPU kernel). Traps
+on CPU, measured with 7.6 (docs/quantization-libraries.md):
+
+- it loads float32 checkpoints in bfloat16 unless told the dtype;
+- its in-memory model after `quantize()` is not usable: the stage always works from the saved
+  checkpoint, which is also what ships;
+- GPTQ per-channel (group -1) needs the group-aware activation ordering off;
+- AWQ runs in float16 with the plain torch backend (its automatic choice is a CUDA kernel);
+- on machines with fewer than 4 cores its CPU worker pool must be sized by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _exclusions(model_linears: list[str], exclude: tuple[str, ...]) -> dict[str, dict]:
+    """GPT-QModel's per-module overrides: a pattern prefixed '-:' leaves matching modules unquantized."""
+    import re
+
+    from .rtn import excluded
+
+    return {f"-:^{re.escape(name)}$": {} for name in model_linears if excluded(name, exclude)}
+
+
+def quantize_with_gptqmodel(source: Path, out: Path, method: str, bits: int, group_size: int, symmetric: bool,
+                            windows, exclude: tuple[str, ...], damp_percent: float | None,
+                            linear_names: list[str]) -> dict[str, Any]:
+    """Quantize `source` into the checkpoint folder `out`; returns timing and the library's config."""
+    if (os.cpu_count() or 1) < 4:
+        # 7.6 sizes its CPU pool at half the cores and then asks it for 2 loader workers: on a 2-core
+        # machine that is a ValueError at the first model load unless the pool is given 2 workers
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    common: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": symmetric, "offload_to_disk": False,
+                              "dynamic": _exclusions(linear_names, exclude) or None}
+    if method == "gptq":
+        extra: dict[str, Any] = {} if group_size != -1 else {"act_group_aware": False}
+        if damp_percent is not None:
+            extra["damp_percent"] = damp_percent
+        config = QuantizeConfig(desc_act=False, **common, **extra)
+        dtype, backend = torch.float32, BACKEND.AUTO
+    elif method == "awq":
+        config = QuantizeConfig(method="awq", format="gemm", **common)
+        dtype, backend = torch.float16, BACKEND.TORCH
+    else:
+        raise ValueError(f"GPT-QModel runs gptq or awq, not {method}")
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in windows]
+    model = GPTQModel.load(str(source), config, device="cpu", dtype=dtype)
+    start = time.perf_counter()
+    model.quantize(calibration, batch_size=min(8, len(calibration)), backend=backend)
+    seconds = time.perf_counter() - start
+    model.save(str(out))
+    del model
+    return {"quantize_seconds": seconds, "library": "gptqmodel"}

@@ -1,0 +1,68 @@
+"""Round-to-nearest weight quantization: the reference every other method is measured against."""
+
+from __future__ import annotations
+
+from ..errors import StageError
+
+COMMON_GROUPS = (256, 128, 64, 32, 16)
+
+
+def rtn(weight, bits: int, group: int, symmetric: bool):
+    """Returns unsigned q [O, I], scales [O, I/g], unsigned zeros [O, I/g] and the dequantized weight."""
+    import torch
+
+    out_f, in_f = weight.shape
+    w = weight.detach().float().reshape(out_f, in_f // group, group)
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = w.abs().amax(-1) / (half - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.full_like(scale, half)
+    else:
+        lo = torch.minimum(w.amin(-1), torch.zeros(()))
+        hi = torch.maximum(w.amax(-1), torch.zeros(()))
+        scale = (hi - lo) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax)
+    deq = ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
+    return q.reshape(out_f, in_f).to(torch.uint8), scale.float(), zero.to(torch.uint8), deq
+
+
+def group_for(name: str, in_features: int, group_size: int) -> int:
+    """The group a layer is quantized with; a size that does not divide the layer is an error naming one that does."""
+    if group_size == -1:
+        return in_features
+    if in_features % group_size:
+        works = [g for g in COMMON_GROUPS if in_features % g == 0]
+        hint = f"group_size {works[0]}" if works else "group_size -1 (per channel)"
+        raise StageError(f"layer {name} has {in_features} input channels, not a multiple of group_size "
+                         f"{group_size}; use {hint}, or exclude the layer")
+    return group_size
+
+
+def excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == e or name.endswith("." + e) for e in exclude)
+
+
+def quantize_rtn(model, bits: int, group_size: int, symmetric: bool, exclude: tuple[str, ...]):
+    """In place: every Linear not excluded gets its RTN-dequantized weight. Returns (qparams, layers, skipped)."""
+    import torch
+
+    tensors, layers, skipped = {}, [], []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if excluded(name, exclude):
+                skipped.append(name)
+                continue
+            group = group_for(name, module.in_features, group_size)
+            q, scale, zero, deq = rtn(module.weight, bits, group, symmetric)
+            module.weight.copy_(deq.to(module.weight.dtype))
+            tensors[f"{name}.qweight"] = q.contiguous()
+            tensors[f"{name}.scales"] = scale.contiguous()
+            tensors[f"{name}.zeros"] = zero.contiguous()
+            layers.append({"name": name, "in": module.in_features, "out": module.out_features, "group": group})
+    return tensors, layers, skipped
