@@ -11,7 +11,7 @@ import torch
 
 from pipeline import Pipeline
 from pipeline.errors import StageError
-from pipeline.stages.quantize import rtn
+from pipeline.quant.rtn import rtn
 
 from .conftest import ROOT, SHIPPED_MODEL, build_random_llama, write_recipe
 

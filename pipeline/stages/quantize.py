@@ -44,6 +44,11 @@ from .base import Stage, Verification
 
 METHOD_TOOLS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel", "optimum"),
                 "smoothquant": ("compressed-tensors",), "bitsandbytes": ("bitsandbytes", "accelerate")}
+# model/ must compute what the checkpoint computes, up to the serving kernels' rounding (GPT-QModel's
+# CPU kernels run in bfloat16; compressed-tensors quantizes activations that model/ keeps in FP32)
+EXPORT_MODEL_MAX_KL = 2e-3
+# smoothing is an exact rewrite of the FP model (float rounding only)
+SMOOTHED_MAX_KL = 1e-6
 INSTALL_HINT = {"gptqmodel": "BUILD_CUDA_EXT=0 pip install gptqmodel optimum",
                 "compressed_tensors": "pip install compressed-tensors", "bitsandbytes": "pip install bitsandbytes"}
 
@@ -58,7 +63,7 @@ def _require(module: str, method: str) -> None:
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 2
+    version = 3
     memory_factor = 4.0
 
     @property
@@ -200,13 +205,36 @@ class QuantizeStage(Stage):
                 tensors[f"{name}.zeros"] = layer.zeros
                 layers.append({"name": name, "in": module.in_features, "out": module.out_features,
                                "group": layer.group})
+        copied = self._copy_other_tensors(out / "checkpoint", model)
+        info["tensors_from_checkpoint"] = copied
         skipped = sorted(n for n in linears if n not in read)
         return tensors, layers, skipped, got["quantize_seconds"]
+
+    @staticmethod
+    def _copy_other_tensors(checkpoint: Path, model) -> int:
+        """The checkpoint's unquantized tensors (norms, embeddings, biases, excluded layers) into `model`:
+        AWQ folds its scales into the norms before each quantized layer, so the original's are stale."""
+        import torch
+        from safetensors.torch import load_file
+
+        state = model.state_dict()
+        copied = 0
+        with torch.no_grad():
+            for path in sorted(checkpoint.glob("*.safetensors")):
+                for key, value in load_file(str(path)).items():
+                    if key not in state or not value.is_floating_point():
+                        continue
+                    if tuple(value.shape) != tuple(state[key].shape):
+                        raise StageError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model "
+                                         f"{tuple(state[key].shape)}")
+                    state[key].copy_(value.to(state[key].dtype))
+                    copied += 1
+        return copied
 
     # -- verify --------------------------------------------------------------------------------
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
-        from ..verify.quality import quality_against_original
+        from ..verify.quality import agreement, quality_against_original
 
         checkpoint = out / "checkpoint" if (out / "checkpoint").is_dir() else out / "model"
         self.ctx.say(f"verifying the reloaded checkpoint {checkpoint.name}/ against the original")
@@ -219,7 +247,17 @@ class QuantizeStage(Stage):
         if checkpoint.name == "checkpoint" and (out / "model").is_dir():
             export_metrics = quality_against_original(self.ctx, out / "model")
             metrics["export_model"] = {k: export_metrics[k] for k in ("kl_mean", "top1_agreement", "perplexity")}
-            notes.append("export_model: the FP32 model/ later stages export (dequantized or smoothed weights)")
+            same = agreement(self.ctx, checkpoint, out / "model")
+            metrics["export_model"].update({"kl_to_checkpoint": same["kl_mean"],
+                                            "top1_to_checkpoint": same["top1_agreement"]})
+            notes.append("export_model: the FP32 model/ later stages export (dequantized or smoothed weights), "
+                         "against the original and against the checkpoint")
+            if self.spec.weight_only and not same["kl_mean"] <= EXPORT_MODEL_MAX_KL:
+                failures.append(f"the FP32 model/ for export is not the checkpoint's model: KL between them "
+                                f"{same['kl_mean']:.3g} > {EXPORT_MODEL_MAX_KL:g}")
+            if self.spec.method == "smoothquant" and not export_metrics["kl_mean"] <= SMOOTHED_MAX_KL:
+                failures.append(f"the smoothed FP32 model/ is not the original model: KL {export_metrics['kl_mean']:.3g}"
+                                f" > {SMOOTHED_MAX_KL:g}")
         if self.spec.weight_only and checkpoint.name == "checkpoint":
             worst = self._kernel_agreement(checkpoint, out)
             metrics["kernel_weight_max_rel_diff"] = worst

@@ -18,13 +18,29 @@ def perplexity(logprobs: np.ndarray, windows: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
 
 
+def _logprobs(ctx, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out windows and the next-token log-probabilities of the model in `folder`, once per run."""
+
+    def measure() -> dict[str, Any]:
+        model, tokenizer = ctx.model_at(folder)
+        windows = eval_windows(tokenizer, ctx.verify_spec)
+        return {"windows": windows, "logprobs": window_logprobs(TorchLM(model), windows)}
+
+    got = ctx.baseline(("heldout-logprobs", str(folder)), measure)
+    return got["windows"], got["logprobs"]
+
+
 def quality_against_original(ctx, folder: Path) -> dict[str, Any]:
     """`folder` is loaded from disk (what ships), never taken from memory."""
-    original, tokenizer = ctx.original_model()
-    candidate, _ = ctx.model_at(folder)
-    windows = eval_windows(tokenizer, ctx.verify_spec)
-    ref = window_logprobs(TorchLM(original), windows)
-    got = window_logprobs(TorchLM(candidate), windows)
+    windows, ref = _logprobs(ctx, ctx.recipe.model_path)
+    _, got = _logprobs(ctx, folder)
     ppl, ppl_ref = perplexity(got, windows), perplexity(ref, windows)
     return {**distribution_metrics(ref, got), "perplexity": ppl, "perplexity_ref": ppl_ref,
             "perplexity_change": ppl / ppl_ref - 1.0, "eval_tokens": int(windows.size)}
+
+
+def agreement(ctx, reference: Path, candidate: Path) -> dict[str, float]:
+    """KL(reference || candidate) and top-1 agreement between two checkpoints on the held-out windows."""
+    _, ref = _logprobs(ctx, reference)
+    _, got = _logprobs(ctx, candidate)
+    return distribution_metrics(ref, got)
