@@ -92,6 +92,18 @@ def test_qdq_for_tensorrt_uses_signed_symmetric_activations(tmp_path, cache):
     assert all(not np.any(onnx.numpy_helper.to_array(z)) for z in zps), "symmetric: zero points are 0"
 
 
+def test_tensorrt_flavoured_graph_builds_an_onnxruntime_engine(tmp_path, cache):
+    """ONNX Runtime verifies the signed graph; its signed-to-unsigned pass is left out of the build."""
+    import json
+    from pathlib import Path
+
+    result = _run(tmp_path, cache, QDQ.format(target="tensorrt", method="minmax") + "  - type: engine\n")
+    engine = result.stage("engine")
+    assert engine.verify["passed"]
+    session = json.loads((Path(engine.artifact).parent / "session.json").read_text())
+    assert session["disabled_optimizers"] == ["QDQS8ToU8Transformer"]
+
+
 def _rotary_graph(path):
     """x @ W (a weight MatMul) beside cos(inv_freq @ positions) (a rotary MatMul, as some exporters emit)."""
     from onnx import TensorProto, helper, numpy_helper

@@ -51,6 +51,15 @@ class OrtEngineStage(Stage):
             dq_matmulnbits_accuracy_level=self._int4_accuracy(),
         )
 
+    def _disabled_optimizers(self) -> list[str]:
+        """Signed (TensorRT-flavoured) Q/DQ graphs: ONNX Runtime's CPU pass that turns signed activations
+        unsigned rewrites the zero points of the Q/DQ pairs that QDQ propagation inserts but not their
+        output_dtype, and the optimized graph then fails type inference (1.31). The graph is kept signed."""
+        precision = self.ctx.recipe.recipe.stage("precision")
+        if precision is not None and precision.mode == "int8-qdq" and precision.target == "tensorrt":
+            return ["QDQS8ToU8Transformer"]
+        return []
+
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         import onnx
         import onnxruntime as ort
@@ -64,13 +73,15 @@ class OrtEngineStage(Stage):
                                           "model.onnx.data")
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         self.ctx.say(f"optimizing with ONNX Runtime {ort.__version__} (level {settings.graph_optimization_level})")
+        disabled = self._disabled_optimizers()
         try:
-            ort.InferenceSession(str(src), sess_options=opts, providers=[settings.execution_provider])
+            ort.InferenceSession(str(src), sess_options=opts, providers=[settings.execution_provider],
+                                 disabled_optimizers=disabled)
         except Exception as exc:
             raise StageError(f"ONNX Runtime could not optimize {src}: {exc}") from exc
         shutil.copy2(parent.file("io.json"), out / "io.json")
         session = {"build": settings.to_dict(), "load": self.load_settings().to_dict(),
-                   "onnxruntime": ort.__version__}
+                   "onnxruntime": ort.__version__, "disabled_optimizers": disabled}
         (out / "session.json").write_text(json.dumps(session, indent=2) + "\n")
         optimized = onnx.load(str(out / "model.onnx"), load_external_data=False)
         return {"io": parent.meta["stage_meta"]["io"], "session": session, "nodes": len(optimized.graph.node),
