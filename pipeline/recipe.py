@@ -160,7 +160,8 @@ class QuantizeStage(Strict):
     calibration: QuantizeCalibration | None = Field(default=None, description="gptq, awq, smoothquant.")
     damp_percent: float | None = Field(default=None, gt=0, lt=1, description="gptq: Hessian dampening.")
     alpha: float | None = Field(default=None, ge=0, le=1,
-                                description="smoothquant: migration strength (0: none, 1: all to the weights); 0.5.")
+                                description="smoothquant: migration strength (0: none, 1: all to the weights), default "
+                                            "0.5; null: no smoothing at all (plain W8A8, for comparison).")
     bnb_type: Literal["nf4", "fp4", "int8"] | None = Field(default=None, description="bitsandbytes: nf4 (default), "
                                                                                      "fp4 or int8 (LLM.int8()).")
     double_quant: bool | None = Field(default=None, description="bitsandbytes 4-bit: quantize the scales too.")
@@ -183,7 +184,7 @@ class QuantizeStage(Strict):
         data.setdefault("group_size", 128 if bits == 4 and method != "bitsandbytes" else -1)
         data.setdefault("symmetric", bits == 8)
         if method == "smoothquant":
-            data.setdefault("alpha", 0.5)
+            data.setdefault("alpha", 0.5)  # an explicit null stays: plain W8A8 with the same calibration
         if QUANTIZE_METHODS[method]["calibrates"]:
             data.setdefault("calibration", {})
         return data

@@ -125,7 +125,7 @@ class QuantizeStage(Stage):
         if s.method == "bitsandbytes":
             return f"bitsandbytes {s.bnb_type}"
         if s.method == "smoothquant":
-            return f"SmoothQuant W8A8 alpha {s.alpha}"
+            return "W8A8 without smoothing" if s.alpha is None else f"SmoothQuant W8A8 alpha {s.alpha}"
         group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
         return f"{s.method.upper()} W{s.bits} {group} {'symmetric' if s.symmetric else 'asymmetric'}"
 
