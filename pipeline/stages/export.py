@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..axes import DECODER_AXES
 from ..cache import Entry
 from ..errors import StageError
 from ..runtime.ort_lm import SessionSettings
@@ -29,7 +30,7 @@ AXES = {
     "logits": ("batch", "sequence", None),
     "present": ("batch", None, "total_sequence", None),
 }
-DYNAMIC_AXES = ("batch", "sequence", "past_sequence", "total_sequence")
+DYNAMIC_AXES = DECODER_AXES
 
 
 def io_names(num_layers: int) -> dict[str, list[str]]:
