@@ -108,9 +108,12 @@ def derive_profile(profile: TrtProfile, inputs: list[GraphInput], where: str = "
                 raise RecipeError(f"{prefix}graph input {inp.name} has an unnamed dynamic dimension {i}; "
                                   "re-export the model so every dynamic axis carries a name")
             if dim not in ranges:
-                raise RecipeError(f"{prefix}profile '{profile.name}' gives no range for axis '{dim}', which "
-                                  f"graph input {inp.name} uses (dimension {i}); add it to the profile's axes")
-            used.add(dim)
+                parts = DERIVED_AXES.get(dim)
+                missing = [a for a in parts if a not in ranges] if parts else [dim]
+                via = f" through {dim} (= {' + '.join(parts)})" if parts else ""
+                raise RecipeError(f"{prefix}profile '{profile.name}' gives no range for axis '{missing[0]}', which "
+                                  f"graph input {inp.name} uses{via} (dimension {i}); add it to the profile's axes")
+            used.update(DERIVED_AXES.get(dim, (dim,)))
             lo.append(ranges[dim][0]), mid.append(ranges[dim][1]), hi.append(ranges[dim][2])
         shapes[inp.name] = InputShapes(tuple(lo), tuple(mid), tuple(hi))
     given = set(profile.axes)
