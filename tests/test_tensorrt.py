@@ -202,13 +202,17 @@ def test_nvidia_smi_parsing():
         parse_smi("garbage")
 
 
-def test_detect_gpu_from_injected_nvidia_smi():
+def test_detect_gpu_from_injected_nvidia_smi(monkeypatch):
+    import pipeline.gpu
+
     def run(cmd):
         return SMI_QUERY if any(a.startswith("--query-gpu") for a in cmd) else SMI_BANNER
 
+    monkeypatch.setattr(pipeline.gpu, "_sm_count", lambda index: (132, None))  # no CUDA runtime here
     gpu = detect_gpu(run=run)
     assert gpu.present and gpu.name == "NVIDIA H100 80GB HBM3" and gpu.compute_capability == "9.0"
-    assert gpu.cuda in ("12.8", None) or gpu.cuda  # from torch.cuda when it has a GPU, else the banner
+    assert gpu.sm_count == 132 and gpu.cuda == "12.8" and gpu.driver == "570.86.15"
+    assert "sm_90, 132 SMs, 80 GiB" in gpu.describe()
     assert not detect_gpu(index=1, run=run).present
 
 
