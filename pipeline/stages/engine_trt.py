@@ -10,9 +10,11 @@ TensorRT, the stage refuses before it starts (ResourceError) and earlier entries
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +85,13 @@ class TensorRTEngineStage(Stage):
         plan_path = out / "model.plan"
         self.ctx.say(f"building a TensorRT {trt.__version__} engine on {gpu.describe()}")
         timing_key = timing_cache_key(gpu.key(), settings.hardware_compatibility_level)
-        try:
-            if self.spec.timing_cache:
-                with TimingCacheStore(self.ctx.cache).open(timing_key) as timing:
-                    loader_chain(onnx_path, plan_path, to_polygraphy(derived), settings, trt, timing)()
-            else:
-                loader_chain(onnx_path, plan_path, to_polygraphy(derived), settings, trt)()
+        try:  # Polygraphy logs to stdout, which `run --json` keeps for the report
+            with contextlib.redirect_stdout(sys.stderr):
+                if self.spec.timing_cache:
+                    with TimingCacheStore(self.ctx.cache).open(timing_key) as timing:
+                        loader_chain(onnx_path, plan_path, to_polygraphy(derived), settings, trt, timing)()
+                else:
+                    loader_chain(onnx_path, plan_path, to_polygraphy(derived), settings, trt)()
         except StageError:
             raise
         except Exception as exc:  # TensorRT and Polygraphy raise their own types
@@ -104,7 +107,8 @@ class TensorRTEngineStage(Stage):
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         from ..verify.trt_check import verify_trt_engine
 
-        return verify_trt_engine(self.ctx, self.spec, out / "model.plan", parent.file("model.onnx"), meta)
+        with contextlib.redirect_stdout(sys.stderr):
+            return verify_trt_engine(self.ctx, self.spec, out / "model.plan", parent.file("model.onnx"), meta)
 
     def describe(self, entry: Entry) -> str:
         return str(entry.file("model.plan"))
