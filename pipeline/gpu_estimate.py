@@ -102,9 +102,9 @@ def estimate(recipe: Recipe, model_info: dict[str, Any], gpu) -> GpuEstimate | N
 
 
 def render(est: GpuEstimate) -> list[str]:
-    from .sizing import gb
+    from .sizing import count, gb
 
-    lines = [f"model: {est.parameters / 1e9:.2f} B parameters; weights "
+    lines = [f"model: {count(est.parameters)} parameters; weights "
              + ", ".join(f"{p} {gb(b)}" for p, b in est.weights.items()),
              f"engine weights ({est.engine_precision}, as the precision stage leaves them): {gb(est.engine_weights)}"]
     if est.kv:

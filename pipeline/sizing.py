@@ -67,5 +67,9 @@ def kv_cache_bytes(geometry: dict[str, int], seq_len: int, batch: int, bytes_per
 
 
 def gb(n: float) -> str:
-    """Decimal gigabytes, as GPU memory is usually quoted."""
-    return f"{n / 1e9:.2f} GB"
+    """Decimal gigabytes, as GPU memory is usually quoted (megabytes below 1 GB)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"

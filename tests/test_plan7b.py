@@ -97,3 +97,24 @@ def test_cli_plan_prints_the_figures(tmp_path):
         assert line in text
     for stage in ("load", "quantize", "export", "simplify", "precision", "engine", "package"):
         assert f"\n{stage} " in "\n" + text
+
+
+def test_parameter_count_matches_the_shipped_models_weights():
+    """The formula behind the 7B figures, checked on real weights (a GQA LLaMA: 4 heads, 2 KV heads)."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    from pipeline.arch import arch_for
+    from pipeline.sizing import parameter_count
+
+    from .conftest import SHIPPED_MODEL
+
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    geometry = arch_for(config, "config.json").geometry(config).__dict__
+    with safe_open(str(SHIPPED_MODEL / "model.safetensors"), framework="np") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    params = parameter_count(config, geometry)
+    assert params.total == stored
+    assert params.lm_head == (0 if config.get("tie_word_embeddings") else params.embedding)
