@@ -73,7 +73,8 @@ def tensorrt_version() -> str | None:
 
 
 def parse_smi(csv_line: str) -> dict[str, Any]:
-    """One line of `nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader,nounits`."""
+    """One line of `nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version
+    --format=csv,noheader,nounits`."""
     parts = [p.strip() for p in csv_line.split(",")]
     if len(parts) != len(SMI_FIELDS):
         raise ValueError(f"unexpected nvidia-smi output: {csv_line!r}")

@@ -54,7 +54,8 @@ class TritonModel:
         return BACKENDS[self.backend][2]
 
 
-def triton_tensors(values: list[GraphInput], max_batch_size: int, batch_axis: str = "batch") -> tuple[TritonTensor, ...]:
+def triton_tensors(values: list[GraphInput], max_batch_size: int,
+                   batch_axis: str = "batch") -> tuple[TritonTensor, ...]:
     """Names, types and dims as Triton wants them: -1 for a dynamic dim; with max_batch_size > 0
     the leading batch axis is Triton's and is left out."""
     out = []

@@ -11,7 +11,7 @@ import pytest
 from pipeline import Pipeline
 from pipeline.errors import RecipeError, ResourceError, StageError
 from pipeline.gpu import GpuFingerprint, detect_gpu, parse_smi, parse_smi_cuda
-from pipeline.recipe import TensorRTEngineStage, TrtProfile, parse_recipe
+from pipeline.recipe import TensorRTEngineStage, TrtProfile
 from pipeline.tensorrt.profiles import (GraphInput, axis_ranges, check_decoder_axes, derive_profile,
                                         derive_profiles, graph_inputs, profile_for, to_polygraphy)
 

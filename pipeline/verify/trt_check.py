@@ -94,17 +94,21 @@ def verify_trt_engine(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, on
         failures += [f"profile '{profile.name}': {f}" for f in fails]
     notes = ["TensorRT verified against ONNX Runtime on the same ONNX graph and feeds"]
     if spec.compare.latency:
-        metrics.update(_latency(ctx, spec, plan, io, derived, notes))
+        metrics.update(_latency(ctx, spec, plan, onnx_path, io, derived, notes))
     return Verification(passed=not failures, metrics=metrics, failures=failures, notes=notes)
 
 
-def _latency(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, io: dict[str, Any],
+def _latency(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, onnx_path: Path, io: dict[str, Any],
              derived: list[DerivedProfile], notes: list[str]) -> dict[str, Any]:
     from ..runtime.trt_lm import TrtLM
     from .latency import measure_latency
 
+    from ..tensorrt.profiles import graph_inputs
+
     ctx.say("timing the TensorRT engine")
-    runner = TrtLM(plan, io, derived)
+    dtypes = {i.name: i.dtype for i in graph_inputs(onnx_path)}
+    past_dtype = np.float16 if io["past_inputs"] and dtypes.get(io["past_inputs"][0]) == "FLOAT16" else np.float32
+    runner = TrtLM(plan, io, derived, past_dtype)
     try:
         latency = measure_latency(runner, ctx.latency_prompt(), ctx.verify_spec.latency)
     except ValueError as exc:  # the latency prompt or decode length fits no profile
