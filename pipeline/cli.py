@@ -15,7 +15,7 @@ import click
 
 from .errors import EnginewrightError
 
-STAGES = ("load", "quantize", "export", "simplify", "precision", "engine")
+STAGES = ("load", "quantize", "export", "simplify", "precision", "engine", "package")
 
 
 def _console():
@@ -105,7 +105,9 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
     from .pipeline import Pipeline
 
     try:
-        planned = Pipeline.from_recipe(recipe, cache_dir).plan(until=until)
+        pipe = Pipeline.from_recipe(recipe, cache_dir)
+        planned = pipe.plan(until=until)
+        estimate = pipe.gpu_estimate(planned)
     except EnginewrightError as exc:
         _fail(exc)
         return
@@ -120,6 +122,11 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
             p.status != "hit" for p in planned) else 0
         verdict = "fits" if worst <= have else "DOES NOT FIT: run refuses it (or --no-memory-check)"
         click.echo(f"memory available: {gib(have)}; largest stage to build: {gib(worst)}: {verdict}")
+    if estimate is not None:
+        from .gpu_estimate import render
+
+        for line in render(estimate):
+            click.echo(line)
 
 
 @main.command()

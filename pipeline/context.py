@@ -24,6 +24,19 @@ class RunContext:
     _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None
     _baselines: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    # planning only: a model folder with a config.json and no weights is accepted (sizes estimated)
+    planning: bool = False
+    # returns the GPU fingerprint (pipeline.gpu.detect_gpu unless a caller injects another)
+    gpu_probe: Callable[[], Any] | None = None
+    _gpu: Any = None
+
+    def gpu(self):
+        """This machine's GPU fingerprint, probed once per run."""
+        if self._gpu is None:
+            from .gpu import detect_gpu
+
+            self._gpu = (self.gpu_probe or detect_gpu)()
+        return self._gpu
 
     @property
     def verify_spec(self):

@@ -73,15 +73,17 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 class Pipeline:
     def __init__(self, recipe: LoadedRecipe, cache_dir: str | Path | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, gpu_probe: Callable[[], Any] | None = None):
         self.recipe = recipe
         self.cache = ArtifactCache(cache_root(cache_dir))
         self.say = say or (lambda msg: None)
+        self.gpu_probe = gpu_probe  # injected GPU fingerprint (tests); pipeline.gpu.detect_gpu otherwise
 
     @classmethod
     def from_recipe(cls, path: str | Path, cache_dir: str | Path | None = None,
-                    say: Callable[[str], None] | None = None) -> "Pipeline":
-        return cls(load_recipe(path), cache_dir, say)
+                    say: Callable[[str], None] | None = None,
+                    gpu_probe: Callable[[], Any] | None = None) -> "Pipeline":
+        return cls(load_recipe(path), cache_dir, say, gpu_probe)
 
     # ---- planning ----------------------------------------------------------------------
     def _stages(self, ctx: RunContext) -> list[Stage]:
@@ -91,20 +93,38 @@ class Pipeline:
         stages += [stage_class(spec)(spec, ctx) for spec in self.recipe.recipe.stages]
         return stages
 
-    def _context(self) -> RunContext:
-        return RunContext(recipe=self.recipe, cache=self.cache, say=self.say)
+    def _context(self, planning: bool = False) -> RunContext:
+        return RunContext(recipe=self.recipe, cache=self.cache, say=self.say, planning=planning,
+                          gpu_probe=self.gpu_probe)
 
     def plan(self, until: str | None = None) -> list[PlannedStage]:
-        """Every stage with its key and whether the cache holds it. Loads no model."""
-        ctx = self._context()
+        """Every stage with its key and whether the cache holds it. Loads no model. A model folder
+        holding only config.json is planned with sizes estimated from the config."""
+        from .explain import explain_miss
+
+        ctx = self._context(planning=True)
         planned, parent_key = [], None
         stages = self._select(self._stages(ctx), until)
         for stage in stages:
             key = stage.key(parent_key)
             status, detail = self.cache.check(key)
+            if status == "miss":
+                detail = explain_miss(self.cache, stage.key_material(parent_key)) or detail
+            note = stage.plan_note()
+            if note:
+                detail = f"{detail}; {note}"
             planned.append(PlannedStage(stage.name, key, status, detail, self._peak_memory(stages[0], stage), stage))
             parent_key = key
         return planned
+
+    def gpu_estimate(self, planned: list[PlannedStage]):
+        """Weights per precision, KV cache at the TensorRT profiles' max shapes and the verdict against
+        the target GPU (pipeline/gpu_estimate.py); None for encoders."""
+        from .gpu_estimate import estimate
+
+        load = planned[0].stage
+        tensorrt = getattr(self.recipe.recipe.stage("engine"), "backend", None) == "tensorrt"
+        return estimate(self.recipe.recipe, load.info(), load.ctx.gpu() if tensorrt else None)
 
     @staticmethod
     def _peak_memory(load_stage: Stage, stage: Stage) -> int:
@@ -177,6 +197,7 @@ class Pipeline:
             with self.cache.lock(key):
                 entry = None if forced else self.cache.lookup(key)  # another process may have built it
                 if entry is None:
+                    stage.preflight()  # a stage this machine cannot run stops here; earlier entries stay
                     if memory_check is not None:
                         memory_check(stage)
                     self.say(f"{stage.name}: building")

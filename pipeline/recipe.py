@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import RecipeError
 
@@ -246,11 +246,137 @@ class OrtEngineStage(Strict):
     allow_spinning: bool = Field(default=False, description="Thread spinning; off is faster on shared cores.")
 
 
-StageSpec = Annotated[Union[QuantizeStage, ExportStage, SimplifyStage, PrecisionStage, OrtEngineStage],
+class AxisRange(Strict):
+    """Sizes one named dynamic axis takes in an optimization profile."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AxisRange":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got min {self.min}, opt {self.opt}, max {self.max}")
+        return self
+
+
+class TrtProfile(Strict):
+    """One TensorRT optimization profile: a range for each named dynamic axis declared at export."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    axes: dict[str, AxisRange] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _axes(self) -> "TrtProfile":
+        from .axes import DERIVED_AXES, EXPORTED_AXES, REQUIRED_AXES, ZERO_ALLOWED
+
+        for axis, rng in self.axes.items():
+            if axis in DERIVED_AXES:
+                parts = " + ".join(DERIVED_AXES[axis])
+                raise ValueError(f"profile '{self.name}': axis '{axis}' is derived ({parts}); remove it and give "
+                                 f"{' and '.join(DERIVED_AXES[axis])}")
+            if axis not in EXPORTED_AXES:
+                raise ValueError(f"profile '{self.name}': axis '{axis}' is not declared at export; the exporter "
+                                 f"declares {', '.join(a for a in EXPORTED_AXES if a not in DERIVED_AXES)}")
+            if axis not in ZERO_ALLOWED and rng.min < 1:
+                raise ValueError(f"profile '{self.name}': axis '{axis}' needs min >= 1, got {rng.min}")
+        missing = [a for a in REQUIRED_AXES if a not in self.axes]
+        if missing:
+            raise ValueError(f"profile '{self.name}': no range for {', '.join(missing)}; every profile bounds "
+                             f"{', '.join(REQUIRED_AXES)} (and past_sequence for a decoder)")
+        return self
+
+
+class TrtCompare(Strict):
+    """How the TensorRT engine is checked against ONNX Runtime on the same feeds (GPU only)."""
+
+    atol: float = Field(default=1e-2, gt=0)
+    rtol: float = Field(default=1e-2, ge=0)
+    outputs: Literal["logits", "all"] = Field(default="all", description="'all' compares the KV presents too.")
+    latency: bool = True
+    fp16_baseline: bool = Field(default=True, description="Time a PyTorch FP16 CUDA baseline beside the engine.")
+
+
+class TensorRTEngineStage(Strict):
+    type: Literal["engine"]
+    backend: Literal["tensorrt"]
+    profiles: tuple[TrtProfile, ...] = Field(min_length=1)
+    builder_optimization_level: int = Field(default=3, ge=0, le=5)
+    hardware_compatibility_level: Literal["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"] = Field(
+        default="NONE", description="trt.HardwareCompatibilityLevel member, by name.")
+    version_compatible: bool = Field(default=False, description="An engine later TensorRT versions can run.")
+    exclude_lean_runtime: bool = False
+    timing_cache: bool = Field(default=True, description="Reuse tactic timings per GPU and TensorRT version.")
+    workspace_mb: int | None = Field(default=None, ge=1, description="trt.MemoryPoolType.WORKSPACE limit.")
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="Memory of the target GPU, for plan's estimate where no GPU is visible.")
+    compare: TrtCompare = TrtCompare()
+
+    @model_validator(mode="after")
+    def _options(self) -> "TensorRTEngineStage":
+        names = [p.name for p in self.profiles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"profile names must be unique; repeated: {', '.join(dupes)}")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise ValueError("exclude_lean_runtime needs version_compatible: true")
+        return self
+
+    def max_batch(self) -> int:
+        return max(p.axes["batch"].max for p in self.profiles)
+
+
+def _engine_backend(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("backend", "onnxruntime")
+    return getattr(value, "backend", None)
+
+
+EngineStageSpec = Annotated[
+    Union[Annotated[OrtEngineStage, Tag("onnxruntime")], Annotated[TensorRTEngineStage, Tag("tensorrt")]],
+    Discriminator(_engine_backend),
+]
+
+
+class DynamicBatching(Strict):
+    max_queue_delay_microseconds: int = Field(default=100, ge=0)
+    preferred_batch_size: tuple[int, ...] = ()
+
+
+class PackageStage(Strict):
+    """A Triton model repository for the engine, with a manifest of every file."""
+
+    type: Literal["package"]
+    format: Literal["triton"] = "triton"
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                   description="Folder name in the repository; the recipe name by default.")
+    max_batch_size: int = Field(
+        default=0, ge=0, description="0: Triton does not batch and dims include the batch axis; above 0: the "
+                                     "batch axis must lead every input and output and is left out of dims.")
+    dynamic_batching: DynamicBatching | None = None
+    instance_count: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _batching(self) -> "PackageStage":
+        if self.dynamic_batching is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching needs max_batch_size > 0 (Triton batches only models that "
+                                 "declare a batch axis)")
+            too_big = [b for b in self.dynamic_batching.preferred_batch_size if not 1 <= b <= self.max_batch_size]
+            if too_big:
+                raise ValueError(f"preferred_batch_size {too_big} must lie in 1..max_batch_size "
+                                 f"({self.max_batch_size})")
+        return self
+
+
+StageSpec = Annotated[Union[QuantizeStage, ExportStage, SimplifyStage, PrecisionStage, EngineStageSpec,
+                            PackageStage],
                       Field(discriminator="type")]
 
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+
 # Stages run in this order; each may appear at most once.
-STAGE_ORDER = ("quantize", "export", "simplify", "precision", "engine")
+STAGE_ORDER = ("quantize", "export", "simplify", "precision", "engine", "package")
 
 
 class LatencySpec(Strict):
@@ -354,6 +480,26 @@ class Recipe(Strict):
                 break
         return spec
 
+    @model_validator(mode="after")
+    def _engine_and_package(self) -> "Recipe":
+        engine, precision, package = self.stage("engine"), self.stage("precision"), self.stage("package")
+        if package is not None and engine is None:
+            raise ValueError("a package stage packages an engine; add an 'engine' stage before it")
+        if isinstance(engine, TensorRTEngineStage):
+            if precision is not None and precision.mode == "int8-dynamic":
+                raise ValueError("engine backend tensorrt cannot run int8-dynamic graphs (MatMulInteger, "
+                                 "DynamicQuantizeLinear); use precision mode int8-qdq with target: tensorrt")
+            if precision is not None and precision.mode == "int8-qdq" and precision.target != "tensorrt":
+                raise ValueError("engine backend tensorrt needs signed symmetric Q/DQ: set the precision stage's "
+                                 "target: tensorrt")
+            if precision is not None and precision.mode == "int4" and precision.int4_format != "dq":
+                raise ValueError("engine backend tensorrt cannot parse MatMulNBits (an ONNX Runtime op): set the "
+                                 "precision stage's int4_format: dq")
+            if package is not None and package.max_batch_size > engine.max_batch():
+                raise ValueError(f"package.max_batch_size {package.max_batch_size} exceeds the largest batch any "
+                                 f"TensorRT profile accepts ({engine.max_batch()})")
+        return self
+
 
 class LoadedRecipe(BaseModel):
     """A validated recipe plus where it came from."""
@@ -398,8 +544,12 @@ def package_path(raw: str, recipe_path: Path) -> Path:
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Drop the discriminator tags pydantic inserts after a list index (stages.0.export.opset)."""
     out: list[Any] = []
+    previous: Any = None
     for part in loc:
+        tag, previous = previous, part
         if out and isinstance(out[-1], int) and isinstance(part, str) and part in STAGE_ORDER:
+            continue
+        if tag == "engine" and part in ENGINE_BACKENDS:  # the engine's backend tag
             continue
         out.append(part)
     return tuple(out)
@@ -432,6 +582,8 @@ def _describe(err: dict[str, Any]) -> str:
         return "required field is missing"
     if kind == "literal_error":
         return msg.replace("Input should be", "must be")
+    if kind == "union_tag_invalid" and err.get("ctx", {}).get("discriminator") == "_engine_backend()":
+        return f"unknown engine backend {err['ctx'].get('tag')!r}; allowed: {', '.join(ENGINE_BACKENDS)}"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return f"unknown stage type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
@@ -469,10 +621,12 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         lines = []
         errors = exc.errors()
         # a list whose items failed also reports itself too short: keep the item errors only
-        item_errors = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+        item_errors = {tuple(e["loc"][:n]) for e in errors for n in range(1, len(e["loc"]))}
         errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in item_errors)]
         for err in errors:
             loc = _field_path(tuple(err["loc"]))
+            if err["type"] == "union_tag_invalid" and err["loc"][-1:] == ("engine",):
+                loc = loc + ("backend",)
             field = ".".join(str(p) for p in loc) or "(top level)"
             line = _node_line(node, loc)
             where = f"{source}:{line}" if line else source

@@ -12,6 +12,8 @@ STAGES: dict[str, str] = {
     "simplify": "pipeline.stages.simplify:SimplifyStage",
     "precision": "pipeline.stages.precision:PrecisionStage",
     "engine:onnxruntime": "pipeline.stages.engine_ort:OrtEngineStage",
+    "engine:tensorrt": "pipeline.stages.engine_trt:TensorRTEngineStage",
+    "package": "pipeline.stages.package:PackageStage",
 }
 
 

@@ -71,6 +71,13 @@ class Stage(ABC):
     def key(self, parent_key: str | None) -> str:
         return chain_key(self.key_material(parent_key))
 
+    def preflight(self) -> None:
+        """Raise ResourceError if this machine cannot build the stage (called only on a cache miss)."""
+
+    def plan_note(self) -> str | None:
+        """A remark for `plan` (e.g. why this machine cannot build the stage)."""
+        return None
+
     @abstractmethod
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         """Write the artifact into `out`; return metadata stored with the entry."""

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..axes import DECODER_AXES
 from ..cache import Entry
 from ..errors import StageError
 from ..runtime.ort_lm import SessionSettings
@@ -29,7 +30,7 @@ AXES = {
     "logits": ("batch", "sequence", None),
     "present": ("batch", None, "total_sequence", None),
 }
-DYNAMIC_AXES = ("batch", "sequence", "past_sequence", "total_sequence")
+DYNAMIC_AXES = DECODER_AXES
 
 
 def io_names(num_layers: int) -> dict[str, list[str]]:
@@ -258,6 +259,6 @@ def verify_with_engine_threads(stage: Stage, model: Path, io: dict[str, Any], pa
     from ..verify.onnx_check import verify_onnx_lm
 
     engine = stage.ctx.recipe.recipe.stage("engine")
-    threads = engine.intra_op_threads if engine is not None else 1
+    threads = getattr(engine, "intra_op_threads", 1)  # an ONNX Runtime engine's threads; 1 otherwise
     settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=threads)
     return verify_onnx_lm(stage.ctx, stage.verify_spec, model, io, settings, parent_model, parent_io)

@@ -91,8 +91,11 @@ def sentence_pooling(folder: Path) -> dict[str, Any]:
     return {"mode": mode, "normalize": normalize}
 
 
-def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
-    """Validate the folder without loading the model; return what the key and later stages need."""
+def inspect_model(folder: Path, trust_remote_code: bool, config_only_ok: bool = False) -> dict[str, Any]:
+    """Validate the folder without loading the model; return what the key and later stages need.
+
+    With config_only_ok (planning), a folder with a config.json and no weights is accepted: the
+    weights' size is estimated from the config and `config_only` is set."""
     if not folder.exists():
         raise ModelError(f"{folder}: model folder not found; set model.path in the recipe to a local Hugging Face "
                          "model folder (relative paths resolve against the recipe file)")
@@ -112,6 +115,8 @@ def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
         )
     arch = arch_for(config, str(config_path))
     weights = sorted(folder.glob("*.safetensors"))
+    if not weights and config_only_ok and arch.task == "causal-lm" and not any(folder.glob("*.bin")):
+        return _config_only(folder, config, arch)
     if not weights:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (found {', '.join(pickles)}: pickle weights are refused; convert them to safetensors)" if pickles else ""
@@ -141,6 +146,27 @@ def inspect_model(folder: Path, trust_remote_code: bool) -> dict[str, Any]:
     }
 
 
+def _config_only(folder: Path, config: dict[str, Any], arch) -> dict[str, Any]:
+    from ..memory import DTYPE_BYTES
+    from ..sizing import parameter_count
+
+    geometry = arch.geometry(config)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    params = parameter_count(config, geometry.__dict__)
+    return {
+        "path": str(folder),
+        "files": [n for n in CONFIG_FILES if (folder / n).is_file()],
+        "task": arch.task,
+        "pooling": None,
+        "model_type": config["model_type"],
+        "family": arch.family,
+        "geometry": geometry.__dict__,
+        "weights_bytes": params.total * DTYPE_BYTES.get(dtype, 4),
+        "dtype": dtype,
+        "config_only": True,
+    }
+
+
 class LoadStage(Stage):
     name = "load"
     version = 1
@@ -154,8 +180,15 @@ class LoadStage(Stage):
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = inspect_model(self.ctx.recipe.model_path, self.spec.trust_remote_code)
+            self._info = inspect_model(self.ctx.recipe.model_path, self.spec.trust_remote_code,
+                                       config_only_ok=self.ctx.planning)
         return self._info
+
+    def plan_note(self) -> str | None:
+        if self.info().get("config_only"):
+            return ("config.json only: sizes estimated from the config; `run` needs the weights "
+                    "(*.safetensors) and a tokenizer in the folder")
+        return None
 
     def content_hashes(self) -> dict[str, str]:
         if self._hashes is None:
