@@ -14,7 +14,9 @@ on CPU, measured with 7.6 (docs/quantization-libraries.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,10 @@ def _exclusions(model_linears: list[str], exclude: tuple[str, ...]) -> dict[str,
 
     from .rtn import excluded
 
-    return {f"-:^{re.escape(name)}$": {} for name in model_linears if excluded(name, exclude)}
+    # the output layer is never quantized by GPT-QModel unless asked (lm_head=True): no override needed,
+    # and an override makes the checkpoint's config one that transformers' loader warns about
+    return {f"-:^{re.escape(name)}$": {} for name in model_linears
+            if excluded(name, exclude) and name != "lm_head"}
 
 
 def quantize_with_gptqmodel(source: Path, out: Path, method: str, bits: int, group_size: int, symmetric: bool,
@@ -54,10 +59,52 @@ def quantize_with_gptqmodel(source: Path, out: Path, method: str, bits: int, gro
     else:
         raise ValueError(f"GPT-QModel runs gptq or awq, not {method}")
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in windows]
-    model = GPTQModel.load(str(source), config, device="cpu", dtype=dtype)
-    start = time.perf_counter()
-    model.quantize(calibration, batch_size=min(8, len(calibration)), backend=backend)
-    seconds = time.perf_counter() - start
-    model.save(str(out))
-    del model
+    with _log_files_elsewhere(), _quieter():
+        model = GPTQModel.load(str(source), config, device="cpu", dtype=dtype)
+        start = time.perf_counter()
+        model.quantize(calibration, batch_size=min(8, len(calibration)), backend=backend)
+        seconds = time.perf_counter() - start
+        model.save(str(out))
+        del model
     return {"quantize_seconds": seconds, "library": "gptqmodel"}
+
+
+@contextlib.contextmanager
+def _quieter():
+    """GPT-QModel logs a table per layer at INFO; keep its warnings, the stage reports the rest."""
+    import logging
+
+    try:
+        from logbar import LogBar
+    except ImportError:
+        yield
+        return
+    logger = LogBar.shared()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _log_files_elsewhere():
+    """7.6 writes per-run log files into ./logs of whatever the working directory is; send them to a
+    temporary folder that is removed afterwards."""
+    import importlib
+
+    try:
+        module = importlib.import_module("gptqmodel.looper.loop_processor")
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "_PROJECT_LOG_DIR"):
+        yield
+        return
+    saved = module._PROJECT_LOG_DIR
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as tmp:
+        module._PROJECT_LOG_DIR = Path(tmp)
+        try:
+            yield
+        finally:
+            module._PROJECT_LOG_DIR = saved
