@@ -41,3 +41,24 @@ def available_bytes() -> int | None:
 
 def gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB"
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process (Linux: /proc/self/clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since the last reset_peak_rss() (VmHWM), else since it started."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

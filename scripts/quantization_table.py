@@ -67,8 +67,10 @@ def main() -> None:
             stage = result.stage("quantize")
             info = json.loads((Path(stage.artifact).parent / "quantization.json").read_text())
             m = stage.verify["metrics"]
-            rows.append({"method": label, "bits": info["bits"],
-                         "group": "channel" if info["group_size"] == -1 else info["group_size"],
+            group = "channel" if info["group_size"] == -1 else info["group_size"]
+            if info.get("bnb_type") in ("nf4", "fp4"):
+                group = "64 (block)"  # bitsandbytes' own 4-bit block size
+            rows.append({"method": label, "bits": info["bits"], "group": group,
                          "symmetric": info["symmetric"], "kl_mean": m["kl_mean"], "top1": m["top1_agreement"],
                          "perplexity": m["perplexity"], "perplexity_ref": m["perplexity_ref"],
                          "seconds": m["quantize_seconds"], "peak_rss_mb": m["peak_rss_mb"],

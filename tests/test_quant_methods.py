@@ -177,3 +177,15 @@ def test_bitsandbytes_nf4_checkpoint_reloads_quantized(tmp_path):
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
     with torch.no_grad():
         assert model.generate(torch.tensor([[1, 300, 301]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+def test_missing_library_names_the_package_to_install(monkeypatch):
+    import importlib.util
+
+    from pipeline.errors import StageError
+    from pipeline.stages.quantize import _require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    with pytest.raises(StageError, match=r"method gptq needs the Python package gptqmodel.*pip install gptqmodel"):
+        _require("gptqmodel", "gptq")

@@ -34,7 +34,8 @@ def quantize_with_bitsandbytes(source: Path, out: Path, kind: str, double_quant:
     model.save_pretrained(out, safe_serialization=True)  # before any forward pass
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer.save_pretrained(out)
     layers = []
     import bitsandbytes as bnb
 
