@@ -244,6 +244,9 @@ class OrtEngineStage(Strict):
     graph_optimization_level: Literal["basic", "extended", "all"] = "all"
     intra_op_threads: int = Field(default=1, ge=0, description="0 lets ONNX Runtime use every core.")
     allow_spinning: bool = Field(default=False, description="Thread spinning; off is faster on shared cores.")
+    fuse_attention: bool = Field(
+        default=True, description="Rewrite each layer's opset-23 attention (head reshapes, KV concat, grouped-query "
+                                  "repeat) into one 3-D Attention node with its KV cache; verified like any build.")
 
 
 class AxisRange(Strict):
