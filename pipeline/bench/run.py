@@ -48,6 +48,7 @@ LOOSE = "    verify: {max_kl_mean: 1.0, min_top1_agreement: 0.0, prefill_atol: n
 PIPELINE_VARIANTS = {
     "enginewright-fp32": ("", ""),
     "enginewright-fp32-opset18": ("", ""),  # the same engine before the opset-23 fused ops, for comparison
+    "enginewright-fp32-unfused": ("", ""),  # opset 23 without the engine's attention fusion, for comparison
     "enginewright-int8-dynamic": ("", "  - type: precision\n    mode: int8-dynamic\n" + LOOSE),
     "enginewright-int8-qdq": ("", "  - type: precision\n    mode: int8-qdq\n    calibration: {samples: 8, seq_len: 64}\n"
                               + LOOSE),
@@ -94,6 +95,7 @@ def _pipeline_engine(model_dir: Path, variant: str, out: Path, cache_dir: Path, 
     recipe.write_text(
         f"schema_version: 1\nname: bench-{model_dir.name}-{variant}\nmodel:\n  path: {model_dir}\nstages:\n"
         f"{before}  - type: export\n    opset: {opset}\n  - type: simplify\n{after}  - type: engine\n    intra_op_threads: 1\n"
+        f"    fuse_attention: {'false' if variant.endswith('-unfused') else 'true'}\n"
         "verify:\n  greedy_tokens: 8\n  min_greedy_match: 0.0\n  eval_windows: 2\n"
         "  latency: {warmup: 0, repeats: 1, prompt_tokens: 16, decode_tokens: 4}\n"
     )
@@ -193,7 +195,10 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
     notes.append("FP16 engines are not timed: ONNX Runtime's CPU provider runs most FP16 ops through casts; "
                  "there is no GPU here.")
     notes.append("enginewright-rtn-int4 is RTN W4 g128 lowered to MatMulNBits with int8 compute (accuracy level "
-                 "4), as genai-int4 is the peer's own RTN INT4; GPTQ/AWQ engines do not exist yet.")
+                 "4), as genai-int4 is the peer's own RTN INT4. GPTQ and AWQ engines lower to the same kernel "
+                 "(same speed, better accuracy: README, Quantization).")
+    notes.append("enginewright-fp32-unfused is enginewright-fp32 without the engine's attention fusion, and "
+                 "enginewright-fp32-opset18 the same model exported at opset 18, built in the same run.")
     if quick:
         notes.append("Quick mode leaves out Optimum (its virtual environment takes minutes to build) and the "
                      "large model.")
