@@ -24,6 +24,8 @@ def differences(mine: Any, theirs: Any, path: str = "") -> list[tuple[str, Any, 
 def explain_miss(cache: ArtifactCache, material: dict[str, Any]) -> str | None:
     """A sentence naming what differs from the closest cached entry of this stage, or None."""
     stage, parent = material.get("stage"), material.get("parent")
+    if parent is None:
+        return None  # the first stage: another model's entry is another model, not another setting
     best: list[tuple[str, Any, Any]] | None = None
     for entry in cache.entries():
         theirs = entry.meta.get("key_material")
