@@ -161,6 +161,8 @@ class Workers:
 
 def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable[[str], None] = print) -> BenchResult:
     wl = QUICK if quick else FULL
+    out_dir = Path(out_dir).resolve()  # generated recipes name models under it; they must not be relative
+    cache_dir = Path(cache_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     threads_list = [1] if quick else sorted({1, os.cpu_count() or 1})
     models = {"tiny-llama": SHIPPED}
