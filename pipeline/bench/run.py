@@ -53,7 +53,7 @@ PIPELINE_VARIANTS = {
     "enginewright-int8-qdq": ("", "  - type: precision\n    mode: int8-qdq\n    calibration: {samples: 8, seq_len: 64}\n"
                               + LOOSE),
     "enginewright-rtn-int4": (
-        "  - type: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
+        "  - type: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n    exclude: []\n"
         "    verify: {max_kl_mean: 10.0, min_top1_agreement: 0.0, max_perplexity_increase: 100.0}\n",
         "  - type: precision\n    mode: int4\n    accuracy_level: 4\n" + LOOSE),
 }
@@ -196,8 +196,8 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
             engines.append(Engine(name, "genai", model_name, folder, folder_bytes(folder), "peer", model_dir))
     notes.append("FP16 engines are not timed: ONNX Runtime's CPU provider runs most FP16 ops through casts; "
                  "there is no GPU here.")
-    notes.append("enginewright-rtn-int4 is RTN W4 g128 lowered to MatMulNBits with int8 compute (accuracy level "
-                 "4), as genai-int4 is the peer's own RTN INT4. GPTQ and AWQ engines lower to the same kernel "
+    notes.append("enginewright-rtn-int4 is RTN W4 g128, LM head included, lowered to MatMulNBits with int8 compute "
+                 "(accuracy level 4), as genai-int4 is the peer's own RTN INT4 with its LM head quantized too. GPTQ and AWQ engines lower to the same kernel "
                  "(same speed, better accuracy: README, Quantization).")
     notes.append("enginewright-fp32-unfused is enginewright-fp32 without the engine's attention fusion, and "
                  "enginewright-fp32-opset18 the same model exported at opset 18, built in the same run.")
