@@ -69,23 +69,17 @@ def quantize_with_gptqmodel(source: Path, out: Path, method: str, bits: int, gro
     return {"quantize_seconds": seconds, "library": "gptqmodel"}
 
 
-@contextlib.contextmanager
 def _quieter():
     """GPT-QModel logs a table per layer at INFO; keep its warnings, the stage reports the rest."""
     import logging
 
+    from ..logs import quieted
+
     try:
         from logbar import LogBar
     except ImportError:
-        yield
-        return
-    logger = LogBar.shared()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+        return contextlib.nullcontext()
+    return quieted(LogBar.shared(), logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from ..axes import DECODER_AXES
 from ..cache import Entry
 from ..errors import StageError
+from ..logs import quieted
 from ..runtime.ort_lm import SessionSettings
 from .base import Stage, Verification
 
@@ -69,20 +71,6 @@ def _make_wrapper(model, num_layers: int):
             return (out.logits, *presents)
 
     return KVCacheWrapper().eval()
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    """Silence one noisy logger (torch's note that torchvision ops are not registered) for a call."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _make_encoder_wrapper(model, pooling: dict[str, Any], with_token_types: bool):
@@ -154,7 +142,7 @@ class ExportStage(Stage):
 
         self.ctx.say(f"exporting to ONNX (opset {self.spec.opset})")
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), \
-                _quiet_logger("torch.onnx._internal.exporter._registration"):
+                quieted(logging.getLogger("torch.onnx._internal.exporter._registration"), logging.ERROR):
             warnings.simplefilter("ignore")
             try:
                 return torch.onnx.export(
