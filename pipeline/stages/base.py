@@ -66,6 +66,12 @@ class Stage(ABC):
             material["target"] = self.target()
         if self.verified:
             material["verify"] = self.verify_spec.model_dump(mode="json")
+        calibration = getattr(self.spec, "calibration", None)
+        if calibration is not None:  # the text's content, not its name, decides what calibration sees
+            from ..calibration import text_identity
+
+            where = f"{self.ctx.recipe.path}: stages.{self.name}.calibration"
+            material["calibration_text"] = text_identity(calibration.text, self.ctx.recipe.path.parent, where=where)
         return material
 
     def key(self, parent_key: str | None) -> str:

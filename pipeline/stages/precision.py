@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import Entry
-from ..calibration import calibration_windows, text_identity
+from ..calibration import calibration_windows
 from ..errors import EnginewrightError, StageError
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
@@ -155,13 +155,6 @@ class PrecisionStage(Stage):
     version = 3
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
-
-    def key_material(self, parent_key: str | None) -> dict[str, Any]:
-        material = super().key_material(parent_key)
-        if self.spec.calibration is not None:
-            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent,
-                                                         where=f"{self.ctx.recipe.path}: stages.precision.calibration")
-        return material
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         import onnx

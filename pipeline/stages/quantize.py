@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import Entry
-from ..calibration import calibration_windows, text_identity
+from ..calibration import calibration_windows
 from ..errors import StageError
 from ..memory import peak_rss_bytes, reset_peak_rss
 from .base import Stage, Verification
@@ -69,13 +69,6 @@ class QuantizeStage(Stage):
     @property
     def tools(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("torch", "transformers", "safetensors") + METHOD_TOOLS.get(self.spec.method, ())
-
-    def key_material(self, parent_key: str | None) -> dict[str, Any]:
-        material = super().key_material(parent_key)
-        if self.spec.calibration is not None:
-            material["calibration_text"] = text_identity(self.spec.calibration.text, self.ctx.recipe.path.parent,
-                                                         where=f"{self.ctx.recipe.path}: stages.quantize.calibration")
-        return material
 
     # -- build ---------------------------------------------------------------------------------
 
