@@ -40,6 +40,20 @@ def _fail(exc: EnginewrightError) -> None:
 @click.version_option(package_name="enginewright")
 def main() -> None:
     """enginewright: recipes in, verified engines out."""
+    quiet_import_noise()
+
+
+# Libraries imported on the way that log at import time about things this tool never uses: torchao
+# (installed with GPT-QModel; transformers imports it whenever it is present) cannot load its CUDA
+# kernels on a CPU machine, and torch notes a deprecated registration torchao makes.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    import logging
+
+    for name in IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
