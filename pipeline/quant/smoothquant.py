@@ -74,6 +74,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .rtn import excluded as is_excluded
+
 QMAX = 127  # scales map the absolute maximum to 127; weights use the symmetric range [-127, 127]
 ACT_QMIN, ACT_QMAX = -128, 127  # activations: the full int8 range, as compressed-tensors / vLLM clamp them
 FORMAT = "int-quantized"
@@ -285,11 +287,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def activation_scale(absmax: torch.Tensor) -> torch.Tensor:
     """Static per-tensor scale, float32 [1], from the absolute maximum of an input."""
     return _nonzero(absmax.float().amax().reshape(1) / QMAX).cpu()
-
-
-def is_excluded(name: str, exclude: Sequence[str]) -> bool:
-    """Exclusions are module names or name suffixes ("lm_head", "mlp.down_proj")."""
-    return any(name == e or name.endswith("." + e) for e in exclude)
 
 
 def _refuse_tied(model: torch.nn.Module, chosen: list[tuple[str, torch.nn.Module]]) -> None:

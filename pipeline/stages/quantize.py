@@ -63,7 +63,7 @@ def _require(module: str, method: str) -> None:
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 3
+    version = 4
     memory_factor = 4.0
 
     @property
@@ -100,17 +100,17 @@ class QuantizeStage(Stage):
         else:
             seconds = self._build_exportable(source, out, info)
         total = time.perf_counter() - start
-        for extra in ("generation_config.json",):
-            for folder in (out / "model", out / "checkpoint"):
-                if folder.is_dir() and (source / extra).is_file() and not (folder / extra).is_file():
-                    shutil.copy2(source / extra, folder / extra)
+        generation = source / "generation_config.json"
+        for folder in (out / "model", out / "checkpoint"):
+            if folder.is_dir() and generation.is_file() and not (folder / generation.name).is_file():
+                shutil.copy2(generation, folder / generation.name)
+        if (out / "checkpoint").is_dir():
+            info["checkpoint_bytes"] = sum(p.stat().st_size for p in (out / "checkpoint").glob("*.safetensors"))
         (out / "quantization.json").write_text(json.dumps(info, indent=2) + "\n")
         peak = peak_rss_bytes()
         model_info = dict(parent.meta["stage_meta"]["model"])
         shipped = out / "model" if (out / "model").is_dir() else out / "checkpoint"
         model_info["weights_bytes"] = sum(p.stat().st_size for p in shipped.glob("*.safetensors"))
-        if (out / "checkpoint").is_dir():
-            info["checkpoint_bytes"] = sum(p.stat().st_size for p in (out / "checkpoint").glob("*.safetensors"))
         return {"model": model_info, "quantization": info, "quantize_seconds": seconds, "stage_seconds": total,
                 "peak_rss_bytes": peak, "peak_rss_scope": "this stage's build" if windowed else "the process"}
 
