@@ -7,7 +7,9 @@ adding a family is adding an entry here and a parity test for it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
@@ -86,3 +88,19 @@ def support_table() -> str:
         rows.append(f"| {spec.family} | `{spec.model_type}` | {spec.task} | {spec.positions} | yes | {kv} | yes "
                     "| yes | yes | not yet | ONNX Runtime CPU, against PyTorch eager |")
     return "\n".join(rows)
+
+
+def sentence_pooling(folder: Path) -> dict[str, Any]:
+    """How sentence embeddings are pooled: from a sentence-transformers layout, else mean + no norm."""
+    mode, normalize = "mean", False
+    pooling_config = folder / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        cfg = json.loads(pooling_config.read_text())
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif not cfg.get("pooling_mode_mean_tokens", True):
+            raise ModelError(f"{pooling_config}: only mean or CLS pooling is supported")
+    modules = folder / "modules.json"
+    if modules.is_file():
+        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    return {"mode": mode, "normalize": normalize}

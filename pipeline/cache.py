@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CacheError
-from .hashing import file_table
+from .hashing import HashMemo, file_table
 
 MANIFEST = "manifest.json"
 ENTRY = "entry.json"
@@ -53,8 +53,17 @@ class ArtifactCache:
     root: Path
     events: list[CacheEvent] = field(default_factory=list)
 
+    _memo: HashMemo | None = field(default=None, repr=False)
+
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
+
+    @property
+    def memo(self) -> HashMemo:
+        """Digests of files already hashed (model folders and entries), keyed by path, size, mtime and inode."""
+        if self._memo is None:
+            self._memo = HashMemo(self.root / ".hashmemo.json")
+        return self._memo
 
     # ---- paths -------------------------------------------------------------------------
     def entry_dir(self, key: str) -> Path:
@@ -81,7 +90,8 @@ class ArtifactCache:
             files = manifest["files"]
         except (ValueError, KeyError, TypeError) as exc:
             return "corrupt", f"manifest.json is unreadable ({exc})"
-        actual = file_table(path)
+        actual = file_table(path, self.memo)
+        self.memo.save()
         actual.pop(MANIFEST, None)
         if set(actual) != set(files):
             missing = sorted(set(files) - set(actual))

@@ -74,23 +74,33 @@ def run(recipe: Path, force: str | None, until: str | None, as_json: bool, no_me
 
     from .pipeline import Pipeline
 
+    from .logs import stdout_to_stderr
+
     console = _console()
-    try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                      transient=True) as progress:
-            task = progress.add_task("starting", total=None)
+    # standard output carries the report alone (under --json) or nothing: what a library prints goes to stderr
+    with stdout_to_stderr() as stdout:
+        try:
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                          transient=True) as progress:
+                task = progress.add_task("starting", total=None)
 
-            def say(msg: str) -> None:
-                progress.update(task, description=msg)
-                progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+                def say(msg: str) -> None:
+                    progress.update(task, description=msg)
+                    progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
 
-            result = Pipeline.from_recipe(recipe, cache_dir, say=say).run(force=force, until=until, check_memory=not no_memory_check)
-    except EnginewrightError as exc:
-        _fail(exc)
-        return
-    if as_json:
-        click.echo(json.dumps(result.report, indent=2, default=str))
-    else:
+                result = Pipeline.from_recipe(recipe, cache_dir, say=say).run(
+                    force=force, until=until, check_memory=not no_memory_check)
+        except EnginewrightError as exc:
+            if as_json:  # a failed run's report, or the error alone when it failed before any stage ran
+                report = getattr(exc, "report", None) or {"schema_version": 1, "status": "failed", "error": str(exc)}
+                stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+                stdout.flush()
+            _fail(exc)
+            return
+        if as_json:
+            stdout.write(json.dumps(result.report, indent=2, default=str) + "\n")
+            stdout.flush()
+    if not as_json:
         _print_summary(console, result.report)
     console.print(f"report: {result.run_dir / 'report.md'}", highlight=False)
 
@@ -98,16 +108,21 @@ def run(recipe: Path, force: str | None, until: str | None, as_json: bool, no_me
 def _print_summary(console, report) -> None:
     from rich.table import Table
 
-    from .report import accuracy_summary, speed_summary
+    from .report import accuracy_summary, not_checked, speed_summary
 
     table = Table(title=f"{report['recipe']['name']}: {report['status']} in {report['seconds']:.1f} s")
-    for col in ("stage", "cache", "s", "verify", "accuracy against PyTorch", "speed (measured in this build)"):
+    for col in ("stage", "cache", "s", "verify", "not checked", "accuracy against PyTorch",
+                "speed (measured in this build)"):
         table.add_column(col)
     for s in report["stages"]:
         m = s["verify"]["metrics"]
+        skipped = len(s["verify"].get("not_checked", []))
         table.add_row(s["name"], "hit" if s["cached"] else "built", f"{s['seconds']:.2f}",
-                      "passed" if s["verify"]["passed"] else "FAILED", accuracy_summary(m), speed_summary(m))
+                      "passed" if s["verify"]["passed"] else "FAILED", str(skipped) if skipped else "–",
+                      accuracy_summary(m), speed_summary(m))
     console.print(table)
+    for stage, item in not_checked(report):
+        console.print(f"[yellow]not checked[/] {stage}: {item['what']}: {item['why']}", highlight=False)
 
 
 @main.command()

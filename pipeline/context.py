@@ -1,14 +1,18 @@
-"""Per-run state passed explicitly to every stage: recipe, cache, progress, and the
-PyTorch reference (loaded at most once, and only when some stage actually has to run)."""
+"""Per-run state passed explicitly to every stage: recipe, cache, progress, the artifacts of the
+stages run so far, and the PyTorch reference (loaded at most once, and only when some stage
+actually has to run)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .cache import ArtifactCache
-from .recipe import LoadedRecipe
+from .artifacts import Artifact, artifact_of
+from .cache import ArtifactCache, Entry
+
+if TYPE_CHECKING:
+    from .recipe import LoadedRecipe
 
 
 @dataclass
@@ -16,10 +20,10 @@ class RunContext:
     recipe: LoadedRecipe
     cache: ArtifactCache
     say: Callable[[str], None] = lambda msg: None
-    # the PyTorch model that ONNX stages are checked against: the recipe's model, or the quantized
-    # checkpoint once a quantize stage has run (set by the pipeline)
+    # the PyTorch model that ONNX stages are checked against: the recipe's model, or the one an upstream
+    # artifact names as its reference_model (a quantize stage's model/); set as artifacts arrive
     source: Path | None = None
-    quantized: Path | None = None  # the quantize stage's cache entry, for lowering its integers
+    artifacts: list[Artifact] = field(default_factory=list)
     _models: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
     _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None
@@ -29,6 +33,17 @@ class RunContext:
     # returns the GPU fingerprint (pipeline.gpu.detect_gpu unless a caller injects another)
     gpu_probe: Callable[[], Any] | None = None
     _gpu: Any = None
+
+    def arrived(self, entry: Entry) -> None:
+        """A stage's artifact is ready: later stages may read it, and it may change their reference model."""
+        artifact = artifact_of(entry)
+        self.artifacts.append(artifact)
+        if artifact.reference_model is not None:
+            self.source = artifact.reference_model
+
+    def upstream(self, kind: str) -> Artifact | None:
+        """The latest artifact of a kind from the stages run so far."""
+        return next((a for a in reversed(self.artifacts) if a.kind == kind), None)
 
     def gpu(self):
         """This machine's GPU fingerprint, probed once per run."""
@@ -96,7 +111,7 @@ class RunContext:
         return self._references[path]
 
     def pooling(self) -> dict[str, Any]:
-        from .stages.load import sentence_pooling
+        from .arch import sentence_pooling
 
         return sentence_pooling(self.recipe.model_path)
 

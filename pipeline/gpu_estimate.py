@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe, TensorRTEngineStage
+from .recipe import Recipe
 from .sizing import BYTES, engine_weight_bytes, kv_cache_bytes, parameter_count, weight_bytes
 
 
@@ -73,7 +73,7 @@ def estimate(recipe: Recipe, model_info: dict[str, Any], gpu) -> GpuEstimate | N
         engine_weights=engine_weight_bytes(params, mode, bool(precision and precision.quantize_lm_head), group),
         geometry=dict(geometry),
     )
-    if isinstance(engine, TensorRTEngineStage):
+    if getattr(engine, "backend", None) == "tensorrt":
         from .tensorrt.profiles import axis_ranges
 
         dtype = _kv_dtype(recipe)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +19,10 @@ from .errors import EnginewrightError, RecipeError, ResourceError, StageError, V
 from .hashing import sha256_file
 from .memory import available_bytes, gib, peak_bytes
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
-from .registry import stage_class
+from .registry import load_stage_class, stage_class
 from .report import write_report
 from .stages.base import Stage
+from .verify.result import Verification
 from .target import cpu_fingerprint, package_version
 
 DEFAULT_CACHE = "artifacts"
@@ -87,9 +90,7 @@ class Pipeline:
 
     # ---- planning ----------------------------------------------------------------------
     def _stages(self, ctx: RunContext) -> list[Stage]:
-        from .stages.load import LoadStage
-
-        stages: list[Stage] = [LoadStage(self.recipe.recipe.model, ctx)]
+        stages: list[Stage] = [load_stage_class()(self.recipe.recipe.model, ctx)]
         stages += [stage_class(spec)(spec, ctx) for spec in self.recipe.recipe.stages]
         return stages
 
@@ -173,9 +174,8 @@ class Pipeline:
             for stage in stages:
                 result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check)
                 results.append(result)
-                if stage.name == "quantize" and parent is not None:
-                    ctx.source = parent.path / "model"  # later stages export and verify the quantized model
-                    ctx.quantized = parent.path
+                if parent is not None:
+                    ctx.arrived(parent)  # later stages read it; it may name the model they are checked against
                 if not result.verify["passed"]:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
         except EnginewrightError as exc:
@@ -185,6 +185,7 @@ class Pipeline:
         write_report(report, run_dir)
         if error is not None:
             error.run_dir = run_dir  # type: ignore[attr-defined]
+            error.report = report  # type: ignore[attr-defined]
             raise error
         return RunResult(report=report, stages=results, run_dir=run_dir)
 
@@ -202,14 +203,7 @@ class Pipeline:
                         memory_check(stage)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
-                        try:
-                            stage_meta = stage.build(parent, tmp)
-                            verification = stage.verify(parent, tmp, stage_meta)
-                        except OSError as exc:
-                            raise StageError(
-                                f"stage '{stage.name}' could not write its artifact under {self.cache.root}: "
-                                f"{exc.strerror or exc}; free disk space or point --cache-dir at a larger disk "
-                                "(nothing was cached for this stage)") from exc
+                        stage_meta, verification = self._build_and_verify(stage, parent, tmp)
                         seconds = time.perf_counter() - t0
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
@@ -230,11 +224,38 @@ class Pipeline:
                            entry.meta["verify"], build_seconds=entry.meta.get("build_seconds"),
                            meta=entry.meta.get("stage_meta", {})), entry
 
+    def _build_and_verify(self, stage: Stage, parent: Entry | None, tmp: Path) -> tuple[dict[str, Any], Verification]:
+        """Build and verify one stage. Whatever a stage or a library under it raises ends as a stage error
+        with the stage's name (the run then writes its report and exits 1), never as a traceback."""
+        try:
+            stage_meta = stage.build(parent, tmp)
+            verification = stage.verify(parent, tmp, stage_meta)
+        except EnginewrightError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StageError(
+                    f"stage '{stage.name}' could not write its artifact under {self.cache.root}: "
+                    f"{exc.strerror or exc}; free disk space or point --cache-dir at a larger disk "
+                    "(nothing was cached for this stage)") from exc
+            raise StageError(f"stage '{stage.name}' failed: {type(exc).__name__}: {exc} (nothing was cached for "
+                             "this stage)") from exc
+        except Exception as exc:
+            error = StageError(f"stage '{stage.name}' failed: {type(exc).__name__}: {exc} (nothing was cached for "
+                               "this stage; the traceback is in report.json)")
+            error.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            raise error from exc
+        policy = stage.thresholds()
+        if policy is not None:
+            verification.thresholds = policy.to_dict()
+        return stage_meta, verification
+
     def _report(self, results: list[StageResult], started: float, error: Exception | None) -> dict[str, Any]:
         return {
             "schema_version": 1,
             "status": "ok" if error is None else "failed",
             "error": str(error) if error is not None else None,
+            "traceback": getattr(error, "traceback", None),
             "recipe": {"name": self.recipe.recipe.name, "path": str(self.recipe.path),
                        "sha256": sha256_file(self.recipe.path)},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

@@ -1,4 +1,11 @@
-"""Stage types by recipe name, imported only when a stage is used."""
+"""Stage types by recipe name, in the order they run.
+
+Each stage class carries its recipe section's config (`Stage.Config`); the recipe schema's
+union of stage configs is assembled from this table, so adding a stage is its module (stage
+class plus config) and one line here. An engine has one entry per backend
+(`engine:<backend>`). Stage modules import their heavy libraries inside functions, so
+importing them to read their configs stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,24 @@ STAGES: dict[str, str] = {
     "package": "pipeline.stages.package:PackageStage",
 }
 
+# recipe stages in the order they run (load is implicit: the recipe's model section)
+STAGE_ORDER: tuple[str, ...] = tuple(dict.fromkeys(k.partition(":")[0] for k in STAGES if k != "load"))
+ENGINE_BACKENDS: tuple[str, ...] = tuple(k.partition(":")[2] for k in STAGES if k.startswith("engine:"))
+
+
+def _load(ref: str) -> type:
+    module, _, cls = ref.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def recipe_stage_classes() -> dict[str, type]:
+    """Registry key -> stage class, for every stage a recipe may list."""
+    return {key: _load(ref) for key, ref in STAGES.items() if key != "load"}
+
+
+def load_stage_class() -> type:
+    return _load(STAGES["load"])
+
 
 def stage_class(spec: Any) -> type:
     name = spec.type
@@ -23,5 +48,4 @@ def stage_class(spec: Any) -> type:
     ref = STAGES.get(f"{name}:{backend}") if backend else STAGES.get(name)
     if ref is None:
         raise KeyError(f"no stage implementation for {name!r} (backend {backend!r})")
-    module, _, cls = ref.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return _load(ref)

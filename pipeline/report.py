@@ -103,12 +103,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     notes = [(s["name"], n) for s in report["stages"] for n in s["verify"].get("notes", [])]
     if failures:
         lines += ["", "## Verification failures", ""] + [f"- {n}: {f}" for n, f in failures]
+    skipped = not_checked(report)
+    lines += ["", f"## Not checked ({len(skipped)})", ""]
+    lines += [f"- {n}: {item['what']}: {item['why']}" for n, item in skipped] or ["Every check ran."]
+    thresholds = [(s["name"], s["verify"].get("thresholds") or {}) for s in report["stages"]]
+    if any(t for _, t in thresholds):
+        lines += ["", "## Thresholds (effective value, and where it came from)", ""]
+        lines += _table(["stage", "threshold", "value", "source"],
+                        [[name, key, _threshold(t["value"]), t["source"]]
+                         for name, table in thresholds for key, t in table.items()])
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}: {t}" for n, t in notes]
     if report["cache"]["events"]:
         lines += ["", "## Cache events", ""] + [f"- {e['kind']} `{e['key'][:12]}…`: {e['detail']}"
                                                 for e in report["cache"]["events"]]
     return "\n".join(lines) + "\n"
+
+
+def _threshold(value: Any) -> str:
+    return "not checked" if value is None else str(value)
+
+
+def not_checked(report: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(stage, {what, why}) for every check or step that did not run, across the report's stages."""
+    return [(s["name"], item) for s in report["stages"] for item in s["verify"].get("not_checked", [])]
 
 
 def accuracy_summary(m: dict[str, Any]) -> str:

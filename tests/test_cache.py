@@ -105,3 +105,30 @@ def test_gc_size_budget_deletes_oldest_first(tmp_path):
         _put(store, k, b"x" * 10_000, created=1000.0 + i)
     removed, _ = collect(store, keep_runs=0, max_bytes=25_000)
     assert [k for k, _ in removed] == [keys[0]]
+
+
+def test_lookups_read_an_unchanged_file_once_and_still_see_a_change(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import pipeline.hashing as hashing
+
+    cache = ArtifactCache(tmp_path / "cache")
+    key = "cd" * 32
+    with cache.building(key) as tmp:
+        (tmp / "model.onnx").write_bytes(b"x" * 4096)
+        cache.commit(key, tmp, {"stage": "export"})
+    old = time.time() - 3600  # written long ago: past the window in which a rewrite can keep its mtime
+    for f in cache.entry_dir(key).iterdir():
+        os.utime(f, (old, old))
+    reads = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: reads.append(p) or real(p))
+    assert cache.lookup(key) is not None
+    assert reads, "the first lookup hashes the files"
+    reads.clear()
+    assert ArtifactCache(tmp_path / "cache").lookup(key) is not None  # another process, reading the memo
+    assert reads == [], "an unchanged file is not read again"
+    (cache.entry_dir(key) / "model.onnx").write_bytes(b"y" * 4096)  # same size, new content
+    assert ArtifactCache(tmp_path / "cache").lookup(key) is None
+    assert reads, "a rewritten file is hashed again and the corruption found"

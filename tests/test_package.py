@@ -238,3 +238,32 @@ def test_cli_exit_codes_without_gpu(runs):
     assert full.returncode == 2 and "needs an NVIDIA GPU" in full.stderr and "Traceback" not in full.stderr
     plan = cli("plan", recipe)
     assert plan.returncode == 0 and "cannot build here" in plan.stdout
+
+
+def test_schema_check_without_tritonclient_is_counted_as_not_checked(runs, monkeypatch):
+    import pipeline.triton as triton
+
+    def missing(text):
+        raise ImportError("No module named 'tritonclient'")
+
+    monkeypatch.setattr(triton, "parse_config", missing)
+    result = Pipeline.from_recipe(runs["root"] / "ort.yaml", cache_dir=runs["cache"]).run(force="package")
+    v = result.stage("package").verify
+    assert v["passed"] and not v["metrics"]["schema_checked"]
+    assert [n["what"] for n in v["not_checked"]] == ["config.pbtxt against Triton's ModelConfig schema"]
+    assert "## Not checked (1)" in (result.run_dir / "report.md").read_text()
+
+
+def test_an_engine_that_does_not_say_how_it_is_served_is_not_packaged(runs, tmp_path):
+    import copy
+
+    from pipeline.cache import Entry
+    from pipeline.errors import StageError
+
+    pipe = Pipeline.from_recipe(runs["root"] / "ort.yaml", cache_dir=runs["cache"])
+    stages = pipe._stages(pipe._context())
+    engine = pipe.cache.lookup(runs["ort"].stage("engine").key)
+    meta = copy.deepcopy(engine.meta)
+    del meta["stage_meta"]["artifact"]["serving"]
+    with pytest.raises(StageError, match="does not say how a server loads it"):
+        stages[-1].build(Entry(engine.key, engine.path, meta), tmp_path)

@@ -183,9 +183,9 @@ def test_missing_library_names_the_package_to_install(monkeypatch):
     import importlib.util
 
     from pipeline.errors import StageError
-    from pipeline.stages.quantize import _require
+    from pipeline.quant.methods import METHODS
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
     with pytest.raises(StageError, match=r"method gptq needs the Python package gptqmodel.*pip install gptqmodel"):
-        _require("gptqmodel", "gptq")
+        METHODS["gptq"].check_installed()

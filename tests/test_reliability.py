@@ -123,4 +123,7 @@ def test_simplifier_too_large_is_skipped_with_a_note(tmp_path, random_llama, mon
                           stages="\n  - type: export\n  - type: simplify\n    tool: onnxsim\n")
     result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
     v = result.stage("simplify").verify
-    assert v["passed"] and any("onnxsim skipped" in n for n in v["notes"])
+    assert v["passed"]
+    assert [n["what"] for n in v["not_checked"]] == ["simplification (onnxsim)"]
+    assert "2 GB" in v["not_checked"][0]["why"]
+    assert "## Not checked (1)" in (result.run_dir / "report.md").read_text()

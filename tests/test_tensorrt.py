@@ -11,7 +11,8 @@ import pytest
 from pipeline import Pipeline
 from pipeline.errors import RecipeError, ResourceError, StageError
 from pipeline.gpu import GpuFingerprint, detect_gpu, parse_smi, parse_smi_cuda
-from pipeline.recipe import TensorRTEngineStage, TrtProfile
+from pipeline.stages.engine_trt import TensorRTEngineConfig
+from pipeline.tensorrt.profiles import TrtProfile
 from pipeline.tensorrt.profiles import (GraphInput, axis_ranges, check_decoder_axes, derive_profile,
                                         derive_profiles, graph_inputs, profile_for, to_polygraphy)
 
@@ -126,8 +127,8 @@ def fake_trt():
                                                   for enum, names in members.items()})
 
 
-def trt_spec(**options) -> TensorRTEngineStage:
-    return TensorRTEngineStage.model_validate({"type": "engine", "backend": "tensorrt",
+def trt_spec(**options) -> TensorRTEngineConfig:
+    return TensorRTEngineConfig.model_validate({"type": "engine", "backend": "tensorrt",
                                                "profiles": [PREFILL, DECODE], **options})
 
 

@@ -45,3 +45,14 @@ def quantize_with_bitsandbytes(source: Path, out: Path, kind: str, double_quant:
                            "kind": type(module).__name__})
     del model
     return {"quantize_seconds": seconds, "library": "bitsandbytes", "layers": layers}
+
+
+def build(job):
+    """The quantize stage's bitsandbytes method (pipeline/quant/methods.py): a checkpoint, nothing to export."""
+    from .methods import QuantOutcome
+
+    cfg = job.cfg
+    got = quantize_with_bitsandbytes(job.source, job.out / "checkpoint", cfg.bnb_type, bool(cfg.double_quant),
+                                     cfg.exclude, job.trust_remote_code)
+    return QuantOutcome(got["quantize_seconds"], got["layers"],
+                        info={"bnb_type": cfg.bnb_type, "double_quant": cfg.double_quant, "library": got["library"]})

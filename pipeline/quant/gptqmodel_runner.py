@@ -102,3 +102,73 @@ def _log_files_elsewhere():
             yield
         finally:
             module._PROJECT_LOG_DIR = saved
+
+
+def build(job):
+    """The quantize stage's GPTQ and AWQ methods (pipeline/quant/methods.py): GPT-QModel writes checkpoint/,
+    its integers are read back and written into the FP32 model later stages export."""
+    import json
+
+    import torch
+
+    from ..errors import StageError
+    from .formats import read_checkpoint_layers
+    from .methods import QuantOutcome
+    from .rtn import excluded, group_for
+
+    cfg = job.cfg
+    info: dict[str, Any] = {}
+    model, tokenizer = job.load()
+    windows = job.windows(tokenizer, info)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, module in linears.items():
+        if not excluded(name, cfg.exclude):
+            group_for(name, module.in_features, cfg.group_size)  # a clear error before the library runs
+    checkpoint = job.out / "checkpoint"
+    got = quantize_with_gptqmodel(job.source, checkpoint, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
+                                  windows, cfg.exclude, cfg.damp_percent, list(linears))
+    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
+    info.update({"library": got["library"], "checkpoint_format": config.get("checkpoint_format", config.get("format")),
+                 "damp_percent": config.get("damp_percent")})
+    try:
+        read = read_checkpoint_layers(checkpoint, config.get("quant_method", cfg.method), cfg.bits, cfg.group_size)
+    except (KeyError, ValueError) as exc:
+        raise StageError(f"reading the {cfg.method} checkpoint's integers: {exc}") from None
+    tensors, layers = {}, []
+    with torch.no_grad():
+        for name, layer in read.items():
+            module = linears.get(name)
+            if module is None or tuple(module.weight.shape) != tuple(layer.qweight.shape):
+                raise StageError(f"the {cfg.method} checkpoint has a layer {name} of shape "
+                                 f"{tuple(layer.qweight.shape)} that the model does not")
+            module.weight.copy_(layer.dequantize())
+            tensors[f"{name}.qweight"] = layer.qweight
+            tensors[f"{name}.scales"] = layer.scales
+            tensors[f"{name}.zeros"] = layer.zeros
+            layers.append({"name": name, "in": module.in_features, "out": module.out_features, "group": layer.group})
+    info["tensors_from_checkpoint"] = copy_other_tensors(checkpoint, model)
+    skipped = sorted(n for n in linears if n not in read)
+    return QuantOutcome(got["quantize_seconds"], layers, skipped, model, tokenizer, tensors, info)
+
+
+def copy_other_tensors(checkpoint: Path, model) -> int:
+    """The checkpoint's unquantized tensors (norms, embeddings, biases, excluded layers) into `model`:
+    AWQ folds its scales into the norms before each quantized layer, so the original's are stale."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..errors import StageError
+
+    state = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for path in sorted(checkpoint.glob("*.safetensors")):
+            for key, value in load_file(str(path)).items():
+                if key not in state or not value.is_floating_point():
+                    continue
+                if tuple(value.shape) != tuple(state[key].shape):
+                    raise StageError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model "
+                                     f"{tuple(state[key].shape)}")
+                state[key].copy_(value.to(state[key].dtype))
+                copied += 1
+    return copied

@@ -66,3 +66,16 @@ def quantize_rtn(model, bits: int, group_size: int, symmetric: bool, exclude: tu
             tensors[f"{name}.zeros"] = zero.contiguous()
             layers.append({"name": name, "in": module.in_features, "out": module.out_features, "group": group})
     return tensors, layers, skipped
+
+
+def build(job):
+    """The quantize stage's RTN method (pipeline/quant/methods.py)."""
+    import time
+
+    from .methods import QuantOutcome
+
+    cfg = job.cfg
+    model, tokenizer = job.load()
+    t0 = time.perf_counter()
+    tensors, layers, skipped = quantize_rtn(model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.exclude)
+    return QuantOutcome(time.perf_counter() - t0, layers, skipped, model, tokenizer, tensors)

@@ -443,3 +443,17 @@ def save_w8a8_checkpoint(model: torch.nn.Module, tokenizer, result: W8A8Result, 
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     ModelCompressor(quantization_config=config).update_config(str(out_dir))
     tokenizer.save_pretrained(out_dir)
+
+
+def build(job):
+    """The quantize stage's SmoothQuant W8A8 method (pipeline/quant/methods.py)."""
+    from .methods import QuantOutcome
+
+    cfg = job.cfg
+    info: dict = {}
+    model, tokenizer = job.load()
+    windows = job.windows(tokenizer, info)
+    result = quantize_w8a8(model, windows, cfg.exclude, cfg.alpha)
+    info["smoothing"] = result.smoothing
+    save_w8a8_checkpoint(model, tokenizer, result, job.out / "checkpoint")
+    return QuantOutcome(result.seconds, result.layers, result.excluded, model, tokenizer, result.tensors, info)

@@ -2,39 +2,39 @@
 
 A stage never writes into the cache itself: the pipeline hands it a fresh temporary folder,
 and commits that folder only if the stage returned and its verification passed.
+
+Each stage class names its recipe section's config (`Config`, defined beside it) and says what
+its key depends on: its config, the versions of the tools that shape its output, for
+target-specific stages the target, and what decides its verdict (`verification_key`: its
+effective thresholds and the verification settings, never another stage's).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..cache import Entry
-from ..context import RunContext
 from ..hashing import chain_key
 from ..target import package_version
+from ..verify.policy import Policy
+from ..verify.result import Verification
 
+if TYPE_CHECKING:
+    from ..context import RunContext
 
-@dataclass
-class Verification:
-    passed: bool
-    metrics: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "metrics": self.metrics, "failures": self.failures, "notes": self.notes}
+__all__ = ["Stage", "Verification"]
 
 
 class Stage(ABC):
     name: ClassVar[str]
+    Config: ClassVar[type]  # the pydantic model of this stage's recipe section
     version: ClassVar[int] = 1
     target_specific: ClassVar[bool] = False
     # distributions whose versions change what the stage produces: part of the key
     tools: ClassVar[tuple[str, ...]] = ()
-    # whether the recipe's verify section shapes this stage's verification: part of the key
+    # whether the stage's verification has thresholds and settings that decide its verdict: part of the key
     verified: ClassVar[bool] = True
     # peak memory while building and verifying, as a multiple of the float32 weights (pipeline/memory.py)
     memory_factor: ClassVar[float] = 3.0
@@ -43,10 +43,25 @@ class Stage(ABC):
         self.spec = spec
         self.ctx = ctx
 
+    def thresholds(self) -> Policy | None:
+        """The thresholds this stage is held to, each with its source (pipeline/verify/policy.py)."""
+        if not self.verified:
+            return None
+        return self.ctx.recipe.recipe.policy_for(self.name)
+
     @property
-    def verify_spec(self):
-        """This stage's thresholds (recipe verify section plus earlier stages' overrides)."""
-        return self.ctx.recipe.recipe.verify_for(self.name)
+    def policy(self) -> Policy:
+        policy = self.thresholds()
+        if policy is None:
+            raise TypeError(f"stage {self.name} has no verification thresholds")
+        return policy
+
+    def verification_key(self) -> dict[str, Any] | None:
+        """What decides this stage's verdict, for the key: its effective thresholds and the settings the
+        reference outputs and timings are made with."""
+        if not self.verified:
+            return None
+        return {"thresholds": self.policy.values(), "settings": self.ctx.verify_spec.settings()}
 
     def config(self) -> dict[str, Any]:
         return self.spec.model_dump(mode="json") if self.spec is not None else {}
@@ -64,8 +79,9 @@ class Stage(ABC):
         }
         if self.target_specific:
             material["target"] = self.target()
-        if self.verified:
-            material["verify"] = self.verify_spec.model_dump(mode="json")
+        verification = self.verification_key()
+        if verification is not None:
+            material["verify"] = verification
         calibration = getattr(self.spec, "calibration", None)
         if calibration is not None:  # the text's content, not its name, decides what calibration sees
             from ..calibration import text_identity
@@ -86,7 +102,8 @@ class Stage(ABC):
 
     @abstractmethod
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
-        """Write the artifact into `out`; return metadata stored with the entry."""
+        """Write the artifact into `out`; return metadata stored with the entry (with an `artifact` record,
+        pipeline/artifacts.py)."""
 
     @abstractmethod
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:

@@ -9,19 +9,31 @@ export.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
+from ..artifacts import Artifact
 from ..axes import DECODER_AXES
 from ..cache import Entry
+from ..config import Strict
 from ..errors import StageError
 from ..logs import quieted
-from ..runtime.ort_lm import SessionSettings
-from .base import Stage, Verification
+from ..onnx_files import MODEL
+from ..verify.result import Verification
+from .onnx_stage import OnnxStage
+
+
+class ExportConfig(Strict):
+    type: Literal["export"]
+    opset: int = Field(default=18, ge=17, le=23)
+    external_data_threshold_mb: float = Field(
+        default=1024.0, gt=0, description="Weights above this size go to an external data file."
+    )
 
 # symbolic axis names, by input/output role
 AXES = {
@@ -126,13 +138,16 @@ def set_axis_names(ir_model, io: dict[str, Any]) -> list[str]:
     return problems
 
 
-class ExportStage(Stage):
+class ExportStage(OnnxStage):
     name = "export"
-    version = 1
+    Config: ClassVar[type] = ExportConfig
+    version = 2
     tools = ("torch", "transformers", "onnx", "onnxscript")
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
-        model_info = parent.meta["stage_meta"]["model"]
+        if parent is None:
+            raise StageError("export needs the model from the load or quantize stage")
+        model_info = Artifact(parent).model_info
         if model_info.get("task", "causal-lm") == "feature-extraction":
             return self._build_encoder(model_info, out)
         return self._build_causal_lm(model_info, out)
@@ -158,11 +173,10 @@ class ExportStage(Stage):
             raise StageError("exported graph does not have the declared dynamic axes: " + "; ".join(problems))
         external = model_info["weights_bytes"] > self.spec.external_data_threshold_mb * 1024 * 1024
         with contextlib.redirect_stdout(sys.stderr):
-            program.save(str(out / "model.onnx"), external_data=external)
-        (out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+            program.save(str(out / MODEL), external_data=external)
         nodes = list(program.model.graph)
-        return {"io": io, "external_data": external, "nodes": len(nodes), "opset": self.spec.opset,
-                "op_types": sorted({n.op_type for n in nodes})}
+        return self.finish(out, io, external_data=external, nodes=len(nodes), opset=self.spec.opset,
+                           op_types=sorted({n.op_type for n in nodes}))
 
     def _build_encoder(self, model_info: dict[str, Any], out: Path) -> dict[str, Any]:
         import torch
@@ -235,18 +249,4 @@ class ExportStage(Stage):
         return self._save(program, io, model_info, out)
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
-        return verify_with_engine_threads(self, out / "model.onnx", meta["io"])
-
-    def describe(self, entry: Entry) -> str:
-        return str(entry.file("model.onnx"))
-
-
-def verify_with_engine_threads(stage: Stage, model: Path, io: dict[str, Any], parent_model: Path | None = None,
-                               parent_io: dict[str, Any] | None = None) -> Verification:
-    """Verify an intermediate ONNX model with plain session settings and the engine's thread count."""
-    from ..verify.onnx_check import verify_onnx_lm
-
-    engine = stage.ctx.recipe.recipe.stage("engine")
-    threads = getattr(engine, "intra_op_threads", 1)  # an ONNX Runtime engine's threads; 1 otherwise
-    settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=threads)
-    return verify_onnx_lm(stage.ctx, stage.verify_spec, model, io, settings, parent_model, parent_io)
+        return self.verify_graph(out / MODEL, meta["io"])

@@ -8,15 +8,16 @@ those hashes, so any edit to the weights or config changes every key downstream.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ..arch import arch_for
+from ..arch import arch_for, sentence_pooling
+from ..artifacts import artifact_record
 from ..cache import Entry
 from ..errors import ModelError
-from ..hashing import chain_key, sha256_file
-from .base import Stage, Verification
+from ..hashing import HashMemo, chain_key
+from ..verify.result import Verification
+from .base import Stage
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -44,51 +45,6 @@ def _check_safetensors(path: Path) -> None:
             f"{path}: truncated safetensors file: tensors need {8 + header_len + end} bytes, file has {size}; "
             "copy the weights again"
         )
-
-
-class HashMemo:
-    """sha256 of large files, remembered by (path, size, mtime, inode) so a plan does not reread 14 GB."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.data: dict[str, str] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
-        self.dirty = False
-
-    def sha256(self, file: Path) -> str:
-        st = file.stat()
-        memo_key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        if memo_key not in self.data:
-            self.data[memo_key] = sha256_file(file)
-            self.dirty = True
-        return self.data[memo_key]
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.part")
-        tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
-        os.replace(tmp, self.path)
-        self.dirty = False
-
-
-def sentence_pooling(folder: Path) -> dict[str, Any]:
-    """How sentence embeddings are pooled: from a sentence-transformers layout, else mean + no norm."""
-    mode, normalize = "mean", False
-    pooling_config = folder / "1_Pooling" / "config.json"
-    if pooling_config.is_file():
-        cfg = json.loads(pooling_config.read_text())
-        if cfg.get("pooling_mode_cls_token"):
-            mode = "cls"
-        elif not cfg.get("pooling_mode_mean_tokens", True):
-            raise ModelError(f"{pooling_config}: only mean or CLS pooling is supported")
-    modules = folder / "modules.json"
-    if modules.is_file():
-        normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
-    return {"mode": mode, "normalize": normalize}
 
 
 def inspect_model(folder: Path, trust_remote_code: bool, config_only_ok: bool = False) -> dict[str, Any]:
@@ -169,6 +125,7 @@ def _config_only(folder: Path, config: dict[str, Any], arch) -> dict[str, Any]:
 
 class LoadStage(Stage):
     name = "load"
+    Config: ClassVar[type] = type(None)  # the recipe's model section (pipeline/recipe.py: ModelSpec)
     version = 1
     verified = False
     memory_factor = 1.5
@@ -193,7 +150,7 @@ class LoadStage(Stage):
     def content_hashes(self) -> dict[str, str]:
         if self._hashes is None:
             folder = Path(self.info()["path"])
-            memo = HashMemo(self.ctx.cache.root / ".hashmemo.json")
+            memo = self.ctx.cache.memo
             self._hashes = {name: memo.sha256(folder / name) for name in self.info()["files"]}
             memo.save()
         return self._hashes
@@ -210,7 +167,7 @@ class LoadStage(Stage):
         info = dict(self.info())
         info["sha256"] = self.content_hashes()
         (out / "model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        return {"model": info}
+        return {"artifact": artifact_record("model"), "model": info}
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         model, _ = self.ctx.reference_model()

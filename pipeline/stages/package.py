@@ -14,32 +14,59 @@ file system allows it (copied otherwise), and checked against the engine's own m
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field, model_validator
+
+from ..artifacts import Artifact, artifact_record
 from ..cache import MANIFEST, Entry
+from ..config import Strict
 from ..errors import StageError
 from ..hashing import file_table, sha256_file
-from ..recipe import TensorRTEngineStage
-from .base import Stage, Verification
+from ..onnx_files import link_or_copy
+from ..verify.result import Verification
+from .base import Stage
 
 REPOSITORY = "triton"
 PACKAGE_MANIFEST = "manifest.json"
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
+class DynamicBatching(Strict):
+    max_queue_delay_microseconds: int = Field(default=100, ge=0)
+    preferred_batch_size: tuple[int, ...] = ()
+
+
+class PackageConfig(Strict):
+    """A Triton model repository for the engine, with a manifest of every file."""
+
+    type: Literal["package"]
+    format: Literal["triton"] = "triton"
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                   description="Folder name in the repository; the recipe name by default.")
+    max_batch_size: int = Field(
+        default=0, ge=0, description="0: Triton does not batch and dims include the batch axis; above 0: the "
+                                     "batch axis must lead every input and output and is left out of dims.")
+    dynamic_batching: DynamicBatching | None = None
+    instance_count: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _batching(self) -> "PackageConfig":
+        if self.dynamic_batching is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching needs max_batch_size > 0 (Triton batches only models that "
+                                 "declare a batch axis)")
+            too_big = [b for b in self.dynamic_batching.preferred_batch_size if not 1 <= b <= self.max_batch_size]
+            if too_big:
+                raise ValueError(f"preferred_batch_size {too_big} must lie in 1..max_batch_size "
+                                 f"({self.max_batch_size})")
+        return self
 
 
 class PackageStage(Stage):
     name = "package"
-    version = 1
+    Config: ClassVar[type] = PackageConfig
+    version = 2
     verified = False
     memory_factor = 0.0
 
@@ -47,38 +74,34 @@ class PackageStage(Stage):
     def model_name(self) -> str:
         return self.spec.model_name or self.ctx.recipe.recipe.name
 
-    def _engine_spec(self):
-        return self.ctx.recipe.recipe.stage("engine")
-
-    def _graph_entry(self, engine: Entry) -> Path:
-        """The ONNX graph the engine holds (ONNX Runtime) or was built from (TensorRT)."""
-        if isinstance(self._engine_spec(), TensorRTEngineStage):
-            parent = self.ctx.cache.lookup(engine.meta["parent"])
-            if parent is None:
-                raise StageError("the ONNX graph the TensorRT engine was built from is no longer cached; "
-                                 "run again with --force engine")
-            return parent.file("model.onnx")
-        return engine.file("model.onnx")
+    def _serving(self, engine: Entry) -> dict[str, Any]:
+        serving = Artifact(engine).serving
+        if not serving:
+            backend = getattr(self.ctx.recipe.recipe.stage("engine"), "backend", "?")
+            raise StageError(f"the engine (backend {backend}) does not say how a server loads it, so it cannot be "
+                             "packaged; rebuild it with --force engine")
+        return serving
 
     def triton_model(self, engine: Entry):
-        import onnx
+        from ..tensorrt.profiles import GraphInput, graph_inputs_of, graph_outputs_of
+        from ..triton import TritonModel, triton_tensors
 
-        from ..tensorrt.profiles import graph_inputs_of, graph_outputs_of
-        from ..triton import ORT_GRAPH_LEVEL_DISABLED, TritonModel, triton_tensors
+        serving = self._serving(engine)
+        if "graph" in serving:  # the graph is in the engine's entry (ONNX Runtime)
+            import onnx
 
-        graph = onnx.load(str(self._graph_entry(engine)), load_external_data=False).graph
-        spec, engine_spec = self.spec, self._engine_spec()
+            graph = onnx.load(str(engine.file(serving["graph"])), load_external_data=False).graph
+            inputs, outputs = graph_inputs_of(graph), graph_outputs_of(graph)
+        else:  # the tensors of the graph the engine was built from (TensorRT)
+            inputs = [GraphInput(t["name"], tuple(t["dims"]), t["dtype"]) for t in serving["tensors"]["inputs"]]
+            outputs = [GraphInput(t["name"], tuple(t["dims"]), t["dtype"]) for t in serving["tensors"]["outputs"]]
+        spec = self.spec
         batching = spec.dynamic_batching.model_dump(mode="json") if spec.dynamic_batching else None
-        common = dict(name=self.model_name, max_batch_size=spec.max_batch_size,
-                      inputs=triton_tensors(graph_inputs_of(graph), spec.max_batch_size),
-                      outputs=triton_tensors(graph_outputs_of(graph), spec.max_batch_size),
-                      instance_count=spec.instance_count, dynamic_batching=batching)
-        if isinstance(engine_spec, TensorRTEngineStage):
-            profiles = tuple(str(i) for i in range(len(engine_spec.profiles)))
-            return TritonModel(backend="tensorrt", profiles=profiles, **common)
-        # the engine was optimized offline: Triton must open it with ONNX Runtime's optimizations off
-        params = {"intra_op_thread_count": str(engine_spec.intra_op_threads), "execution_mode": "0"}
-        return TritonModel(backend="onnxruntime", graph_level=ORT_GRAPH_LEVEL_DISABLED, parameters=params, **common)
+        return TritonModel(name=self.model_name, backend=serving["triton_backend"], max_batch_size=spec.max_batch_size,
+                           inputs=triton_tensors(inputs, spec.max_batch_size),
+                           outputs=triton_tensors(outputs, spec.max_batch_size), instance_count=spec.instance_count,
+                           dynamic_batching=batching, profiles=tuple(serving.get("profiles", ())),
+                           parameters=dict(serving.get("parameters", {})), graph_level=serving.get("graph_level"))
 
     def _upstream(self, engine: Entry) -> list[Entry]:
         chain, entry = [], engine
@@ -91,13 +114,13 @@ class PackageStage(Stage):
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         from ..triton import render_config
 
+        if parent is None:
+            raise StageError("package needs an engine from the stage before it")
         model = self.triton_model(parent)
         folder = out / REPOSITORY / model.name
         version = folder / "1"
-        sources = [model.model_file] + (["model.onnx.data"] if parent.file("model.onnx.data").is_file()
-                                        and model.backend == "onnxruntime" else [])
-        for name in sources:
-            _link_or_copy(parent.file(name), version / name)
+        for name in self._serving(parent)["files"]:
+            link_or_copy(parent.file(name), version / name)
         (folder / "config.pbtxt").write_text(render_config(model))
         chain = self._upstream(parent)
         recipe_path = self.ctx.recipe.path
@@ -114,7 +137,8 @@ class PackageStage(Stage):
             "stages": [{"stage": e.meta.get("stage"), "key": e.key, "verify": e.meta.get("verify")} for e in chain],
         }
         (folder / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        return {"model": model.name, "backend": model.backend, "repository": REPOSITORY,
+        return {"artifact": artifact_record("package"), "model": model.name, "backend": model.backend,
+                "repository": REPOSITORY,
                 "files": sorted(manifest["files"]), "max_batch_size": model.max_batch_size}
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
@@ -134,17 +158,24 @@ class PackageStage(Stage):
 
             config = parse_config((folder / "config.pbtxt").read_text())
         except ImportError:
-            notes.append("tritonclient is not installed: config.pbtxt was not parsed with Triton's schema")
+            schema_skipped = True
         except Exception as exc:  # text_format.ParseError
+            schema_skipped = False
             failures.append(f"config.pbtxt does not parse with Triton's ModelConfig schema: {exc}")
         else:
+            schema_skipped = False
             expected = self.triton_model(parent)
             got = [(t.name, list(t.dims)) for t in config.input]
             want = [(t.name, list(t.dims)) for t in expected.inputs]
             if got != want or config.max_batch_size != expected.max_batch_size:
                 failures.append("config.pbtxt inputs or max_batch_size differ from the graph's")
             metrics["schema_checked"] = True
-        return Verification(passed=not failures, metrics=metrics, failures=failures, notes=notes)
+        v = Verification(passed=not failures, metrics=metrics, failures=failures, notes=notes)
+        if schema_skipped:
+            metrics["schema_checked"] = False
+            v.skip("config.pbtxt against Triton's ModelConfig schema",
+                   "tritonclient is not installed (pip install 'tritonclient[grpc]')")
+        return v
 
     def describe(self, entry: Entry) -> str:
         return str(entry.path / REPOSITORY)

@@ -9,21 +9,71 @@ attention-score MatMuls never are, and the LM head only if the recipe asks.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from ..artifacts import CheckpointArtifact, onnx_input
 from ..cache import Entry
 from ..calibration import calibration_windows
+from ..config import Strict
 from ..errors import EnginewrightError, StageError
+from ..onnx_files import MODEL, save_model
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
-from .base import Stage, Verification
-from .export import verify_with_engine_threads
-from .simplify import save_model
+from ..verify.policy import PRECISION_DEFAULTS, Thresholds
+from ..verify.result import Verification
+from .onnx_stage import OnnxStage
+
+
+class CalibrationSpec(Strict):
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=16, ge=1, le=4096)
+    seq_len: int = Field(default=64, ge=8, le=8192)
+    seed: int = 0
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+
+
+class PrecisionConfig(Strict):
+    type: Literal["precision"]
+    mode: Literal["fp16", "int8-dynamic", "int8-qdq", "int4"]
+    int4_format: Literal["matmulnbits", "dq"] = Field(
+        default="matmulnbits",
+        description="int4: com.microsoft.MatMulNBits (ONNX Runtime) or blocked DequantizeLinear (opset 21, TensorRT).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        default=0, description="MatMulNBits compute type: 0 = as the input (exact), 4 = int8 (faster, approximate).")
+    target: Literal["cpu", "tensorrt"] = Field(
+        default="cpu", description="INT8 activations: unsigned on CPU (fast kernels), signed symmetric for TensorRT.")
+    per_channel: bool = True
+    quantize_lm_head: bool = False
+    keep_io_fp32: bool = True
+    fp32_op_types: tuple[str, ...] = Field(
+        default=("RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization", "Softmax", "Pow",
+                 "ReduceMean", "Sqrt", "Reciprocal"),
+        description="FP16: op types kept in FP32 (norms, softmax).")
+    calibration: CalibrationSpec | None = None
+    # thresholds for this stage and every later one, over the mode's defaults and the recipe's verify section
+    verify: Thresholds | None = None
+
+    @model_validator(mode="after")
+    def _calibration(self) -> "PrecisionConfig":
+        if self.mode == "int4" and self.calibration is not None:
+            raise ValueError("mode int4 lowers the quantize stage's integers and does not calibrate; "
+                             "remove the calibration section")
+        if self.mode == "int8-qdq" and self.calibration is None:
+            raise ValueError("mode int8-qdq needs a calibration section (text, samples, seq_len, seed, method)")
+        if self.mode != "int8-qdq" and self.calibration is not None:
+            raise ValueError(f"mode {self.mode} does not calibrate; remove the calibration section")
+        return self
+
+    def threshold_defaults(self) -> tuple[str, dict[str, Any]]:
+        return f"mode {self.mode}", PRECISION_DEFAULTS[self.mode]
+
+    def threshold_overrides(self) -> Thresholds | None:
+        return self.verify
 
 
 def weight_matmuls(model, logits_output: str | None, include_lm_head: bool) -> list[str]:
@@ -150,43 +200,42 @@ class KVCalibrationReader:
         self._iter = iter(self.feeds)
 
 
-class PrecisionStage(Stage):
+class PrecisionStage(OnnxStage):
     name = "precision"
-    version = 3
+    Config: ClassVar[type] = PrecisionConfig
+    version = 4
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         import onnx
 
-        src = parent.file("model.onnx")
-        io = parent.meta["stage_meta"]["io"]
-        external = parent.file("model.onnx.data").is_file()
+        source = onnx_input(parent)
+        src, io, external = source.model, source.io, source.external
         model = onnx.load(str(src), load_external_data=False)
         nodes = weight_matmuls(model, io.get("logits_output"), self.spec.quantize_lm_head)
-        meta: dict[str, Any] = {"io": io, "mode": self.spec.mode, "nodes_before": len(model.graph.node)}
+        meta: dict[str, Any] = {"mode": self.spec.mode, "nodes_before": len(model.graph.node)}
         self.ctx.say(f"precision: {self.spec.mode}")
         with contextlib.redirect_stdout(sys.stderr):
             try:
                 if self.spec.mode == "fp16":
-                    self._fp16(src, out / "model.onnx", external)
+                    self._fp16(src, out / MODEL, external)
                 elif self.spec.mode == "int8-dynamic":
-                    self._int8_dynamic(src, out / "model.onnx", nodes, external)
+                    self._int8_dynamic(src, out / MODEL, nodes, external)
                 elif self.spec.mode == "int4":
-                    meta["lowering"] = self._int4(src, out / "model.onnx", external)
+                    meta["lowering"] = self._int4(src, out / MODEL, external)
                 else:
-                    meta["calibration"] = self._int8_qdq(src, out / "model.onnx", io, nodes, external)
+                    meta["calibration"] = self._int8_qdq(src, out / MODEL, io, nodes, external)
             except EnginewrightError:
                 raise
             except Exception as exc:
                 raise StageError(f"precision {self.spec.mode} failed on {src}: {type(exc).__name__}: {exc}") from exc
-        shutil.copy2(parent.file("io.json"), out / "io.json")
-        result = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        result = onnx.load(str(out / MODEL), load_external_data=False)
         meta["quantized_nodes"] = (meta["lowering"]["lowered"] if self.spec.mode == "int4"
                                    else nodes if self.spec.mode != "fp16" else [])
         meta["nodes"] = len(result.graph.node)
         meta["op_types"] = sorted({n.op_type for n in result.graph.node})
-        return meta
+        return self.finish(out, io, source, **meta)
 
     def _fp16(self, src: Path, dst: Path, external: bool) -> None:
         import onnx
@@ -203,9 +252,11 @@ class PrecisionStage(Stage):
 
         from ..lowering import load_qparams, lower_int4
 
-        if self.ctx.quantized is None:
-            raise StageError("precision int4 needs the quantize stage's artifact, which this run does not have")
-        info, params = load_qparams(self.ctx.quantized)
+        checkpoint = self.ctx.upstream("checkpoint")
+        if not isinstance(checkpoint, CheckpointArtifact) or not checkpoint.qparams.is_file():
+            raise StageError("precision int4 needs the integers of a weight-only quantize stage, which this run "
+                             "does not have")
+        info, params = load_qparams(checkpoint.folder)
         model = onnx.load(str(src))
         result = lower_int4(model, info, params, self.spec.int4_format, self.spec.accuracy_level)
         if result["not_found"]:
@@ -249,11 +300,8 @@ class PrecisionStage(Stage):
                 "activation_type": "int8 symmetric" if signed else "uint8"}
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
-        v = verify_with_engine_threads(self, out / "model.onnx", meta["io"], parent.file("model.onnx"))
+        v = self.verify_graph(out / MODEL, meta["io"], onnx_input(parent))
         v.metrics["quantized_matmuls"] = len(meta["quantized_nodes"])
         v.metrics["nodes_after"] = meta["nodes"]
         return v
-
-    def describe(self, entry: Entry) -> str:
-        return str(entry.file("model.onnx"))
 

@@ -34,71 +34,196 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field, model_validator
+
+from ..artifacts import Artifact, artifact_record
 from ..cache import Entry
 from ..calibration import calibration_windows
+from ..config import Strict
 from ..errors import StageError
 from ..memory import peak_rss_bytes, reset_peak_rss
-from .base import Stage, Verification
+from ..quant.methods import METHODS, QuantJob, QuantMethod
+from ..verify.policy import Policy, QuantizeGates, quantize_policy
+from ..verify.result import Verification
+from .base import Stage
 
-METHOD_TOOLS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel", "optimum"),
-                "smoothquant": ("compressed-tensors",), "bitsandbytes": ("bitsandbytes", "accelerate")}
 # model/ of a weight-only method must compute what the checkpoint computes, up to the serving kernels'
 # rounding (GPT-QModel's CPU kernels run in bfloat16)
 EXPORT_MODEL_MAX_KL = 2e-3
 # smoothing is an exact rewrite of the FP model (float rounding only)
 SMOOTHED_MAX_KL = 1e-6
-INSTALL_HINT = {"gptqmodel": "BUILD_CUDA_EXT=0 pip install gptqmodel optimum",
-                "compressed_tensors": "pip install compressed-tensors", "bitsandbytes": "pip install bitsandbytes"}
+# what the extracted integers may differ from the checkpoint's own kernels (relative weight)
+KERNEL_MAX_REL_DIFF = 5e-2
 
 
-def _require(module: str, method: str) -> None:
-    import importlib.util
+class QuantizeCalibration(Strict):
+    """Calibration windows for the quantize stage (the text's content hash is part of the cache key)."""
 
-    if importlib.util.find_spec(module) is None:
-        raise StageError(f"method {method} needs the Python package {module.replace('_', '-')}, which is not "
-                         f"installed: {INSTALL_HINT.get(module, 'pip install ' + module)}")
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=64, ge=1, le=4096)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    seed: int = 0
+
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+class QuantizeConfig(Strict):
+    type: Literal["quantize"]
+    method: MethodName = Field(  # type: ignore[valid-type]
+        description="rtn: round-to-nearest weight-only (the reference); gptq, awq: weight-only with calibration "
+                    "(GPT-QModel); smoothquant: W8A8 INT8 with smoothing; bitsandbytes: NF4/FP4/LLM.int8() "
+                    "for the PyTorch runtime only.")
+    bits: Literal[4, 8] | None = Field(default=None, description="Weight bits; default 4 (smoothquant: 8).")
+    group_size: int | None = Field(
+        default=None, description="Input channels per scale; -1: one scale per output channel. "
+                                  "Default 128 for 4 bits, -1 for 8 bits.")
+    symmetric: bool | None = Field(default=None, description="Default: asymmetric for 4 bits, symmetric for 8 bits.")
+    exclude: tuple[str, ...] = Field(default=("lm_head",), description="Linear layers (name suffixes) kept in FP32.")
+    calibration: QuantizeCalibration | None = Field(default=None, description="gptq, awq, smoothquant.")
+    damp_percent: float | None = Field(default=None, gt=0, lt=1, description="gptq: Hessian dampening.")
+    alpha: float | None = Field(default=None, ge=0, le=1,
+                                description="smoothquant: migration strength (0: none, 1: all to the weights), default "
+                                            "0.5; null: no smoothing at all (plain W8A8, for comparison).")
+    bnb_type: Literal["nf4", "fp4", "int8"] | None = Field(default=None, description="bitsandbytes: nf4 (default), "
+                                                                                     "fp4 or int8 (LLM.int8()).")
+    double_quant: bool | None = Field(default=None, description="bitsandbytes 4-bit: quantize the scales too.")
+    verify: QuantizeGates | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("method") not in METHODS:
+            return data
+        data = dict(data)
+        method = data["method"]
+        if method == "bitsandbytes":
+            kind = data.setdefault("bnb_type", "nf4")
+            if "group_size" in data and data["group_size"] not in (None, -1):
+                raise ValueError("bitsandbytes fixes its own block size (64 for 4-bit); remove group_size")
+            data.setdefault("bits", 8 if kind == "int8" else 4)
+            if kind != "int8":
+                data.setdefault("double_quant", True)
+        data.setdefault("bits", 8 if method == "smoothquant" else 4)
+        bits = data["bits"]
+        data.setdefault("group_size", 128 if bits == 4 and method != "bitsandbytes" else -1)
+        data.setdefault("symmetric", bits == 8)
+        if method == "smoothquant":
+            data.setdefault("alpha", 0.5)  # an explicit null stays: plain W8A8 with the same calibration
+        if METHODS[method].calibrates:
+            data.setdefault("calibration", {})
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizeConfig":
+        method = self.quant_method
+        if self.bits not in method.bits:
+            raise ValueError(f"method {method.name} quantizes to {' or '.join(map(str, method.bits))} bits, "
+                             f"not {self.bits}")
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 2:
+            raise ValueError(f"group_size must be -1 (per output channel) or at least 2, got {self.group_size}")
+        if self.calibration is not None and not method.calibrates:
+            raise ValueError(f"method {method.name} does not calibrate; remove the calibration section")
+        only = {"alpha": "smoothquant", "damp_percent": "gptq", "bnb_type": "bitsandbytes",
+                "double_quant": "bitsandbytes"}
+        for name, owner in only.items():
+            if getattr(self, name) is not None and method.name != owner:
+                raise ValueError(f"{name} is a {owner} parameter; method {method.name} does not take it")
+        if method.name == "smoothquant" and (self.group_size != -1 or not self.symmetric):
+            raise ValueError("smoothquant quantizes weights symmetric per output channel: use group_size -1 "
+                             "and symmetric true (or leave both out)")
+        if method.name == "awq" and (self.group_size == -1 or self.symmetric):
+            raise ValueError("awq here is asymmetric per group (the GEMM layout): set a group_size such as 128 "
+                             "and symmetric false (or leave both out)")
+        if method.name == "bitsandbytes" and (self.bits == 8) != (self.bnb_type == "int8"):
+            raise ValueError(f"bnb_type {self.bnb_type} is {4 if self.bits == 8 else 8}-bit; bits says "
+                             f"{self.bits}: leave bits out")
+        if method.name == "gptq" and self.bits == 8 and self.group_size != -1:
+            raise ValueError("gptq 8-bit is per output channel here: group_size -1")
+        return self
+
+    @property
+    def quant_method(self) -> QuantMethod:
+        return METHODS[self.method]
+
+    def gates(self) -> Policy:
+        """The quality gates this stage is held to, each with where its value came from."""
+        w8a8 = self.method == "smoothquant"
+        return quantize_policy("W8A8" if w8a8 else f"{self.bits}-bit weights", "w8a8" if w8a8 else int(self.bits or 4),
+                               self.verify)
+
+    def threshold_overrides(self) -> None:
+        return None  # the quantize stage's gates are its own; they never reach the ONNX stages
+
+    @property
+    def exportable(self) -> bool:
+        return self.quant_method.exportable
+
+    @property
+    def weight_only(self) -> bool:
+        """Integers the precision stage can lower (qweight, scales, zeros per layer)."""
+        return self.quant_method.weight_only
 
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 4
+    Config: ClassVar[type] = QuantizeConfig
+    version = 5
     memory_factor = 4.0
 
     @property
     def tools(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("torch", "transformers", "safetensors") + METHOD_TOOLS.get(self.spec.method, ())
+        return ("torch", "transformers", "safetensors") + self.spec.quant_method.tools
+
+    def thresholds(self) -> Policy:
+        return self.spec.gates()
+
+    def verification_key(self) -> dict[str, Any]:
+        # what decides this stage's verdict: its own gates and the held-out text they are measured on
+        v = self.ctx.verify_spec
+        return {"gates": self.thresholds().values(),
+                "eval": {"text": v.eval_text, "windows": v.eval_windows, "window_tokens": v.eval_window_tokens}}
 
     # -- build ---------------------------------------------------------------------------------
 
     def _windows(self, tokenizer):
         cal = self.spec.calibration
-        calib = calibration_windows(tokenizer, cal.text, cal.samples, cal.seq_len, cal.seed,
-                                    self.ctx.recipe.path.parent, where=f"{self.ctx.recipe.path}: "
-                                                                       "stages.quantize.calibration")
-        return calib
+        return calibration_windows(tokenizer, cal.text, cal.samples, cal.seq_len, cal.seed,
+                                   self.ctx.recipe.path.parent,
+                                   where=f"{self.ctx.recipe.path}: stages.quantize.calibration")
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import save_file
+
         spec = self.spec
+        method = spec.quant_method
         source = self.ctx.recipe.model_path
-        trust = self.ctx.recipe.recipe.model.trust_remote_code
         info: dict[str, Any] = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
                                 "symmetric": spec.symmetric, "exclude": list(spec.exclude)}
         self.ctx.say(f"quantizing: {self._label()}")
         windowed = reset_peak_rss()
         start = time.perf_counter()
-        if spec.method == "bitsandbytes":
-            _require("bitsandbytes", spec.method)
-            from ..quant.bnb import quantize_with_bitsandbytes
-
-            got = quantize_with_bitsandbytes(source, out / "checkpoint", spec.bnb_type, bool(spec.double_quant),
-                                             spec.exclude, trust)
-            info.update({"bnb_type": spec.bnb_type, "double_quant": spec.double_quant, "layers": got["layers"],
-                         "library": got["library"]})
-            seconds = got["quantize_seconds"]
-        else:
-            seconds = self._build_exportable(source, out, info)
+        job = QuantJob(source=source, out=out, cfg=spec, trust_remote_code=self.ctx.recipe.recipe.model.trust_remote_code,
+                       calibration=self._windows if spec.calibration is not None else None, say=self.ctx.say)
+        outcome = method.build(job)
+        info.update(outcome.info)
+        if not outcome.layers:
+            raise StageError(f"no Linear layer of {source} was quantized (all excluded by {list(spec.exclude)})")
+        info.update({"layers": outcome.layers, "excluded": outcome.skipped})
+        if method.weight_only:
+            info["zero_point"] = "unsigned, weight = (qweight - zeros) * scales"
+        if method.exportable:
+            if outcome.model is None:
+                raise StageError(f"method {method.name} returned no model to export")
+            with torch.no_grad():
+                outcome.model.save_pretrained(out / "model", safe_serialization=True)
+            outcome.tokenizer.save_pretrained(out / "model")
+            save_file({k: v.contiguous() for k, v in outcome.tensors.items()}, str(out / "qparams.safetensors"))
+        seconds = outcome.seconds
+        del outcome
         total = time.perf_counter() - start
         generation = source / "generation_config.json"
         for folder in (out / "model", out / "checkpoint"):
@@ -108,11 +233,15 @@ class QuantizeStage(Stage):
             info["checkpoint_bytes"] = sum(p.stat().st_size for p in (out / "checkpoint").glob("*.safetensors"))
         (out / "quantization.json").write_text(json.dumps(info, indent=2) + "\n")
         peak = peak_rss_bytes()
-        model_info = dict(parent.meta["stage_meta"]["model"])
+        model_info = dict(Artifact(parent).model_info) if parent is not None else {}
         shipped = out / "model" if (out / "model").is_dir() else out / "checkpoint"
         model_info["weights_bytes"] = sum(p.stat().st_size for p in shipped.glob("*.safetensors"))
-        return {"model": model_info, "quantization": info, "quantize_seconds": seconds, "stage_seconds": total,
-                "peak_rss_bytes": peak, "peak_rss_scope": "this stage's build" if windowed else "the process"}
+        record = artifact_record("checkpoint", reference_model="model" if method.exportable else None,
+                                 qparams="qparams.safetensors" if method.exportable else None)
+        return {"artifact": record, "model": model_info, "quantization": info,
+                "quantize_seconds": seconds,
+                "stage_seconds": total, "peak_rss_bytes": peak,
+                "peak_rss_scope": "this stage's build" if windowed else "the process"}
 
     def _label(self) -> str:
         s = self.spec
@@ -122,108 +251,6 @@ class QuantizeStage(Stage):
             return "W8A8 without smoothing" if s.alpha is None else f"SmoothQuant W8A8 alpha {s.alpha}"
         group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
         return f"{s.method.upper()} W{s.bits} {group} {'symmetric' if s.symmetric else 'asymmetric'}"
-
-    def _build_exportable(self, source: Path, out: Path, info: dict[str, Any]) -> float:
-        import torch
-        from safetensors.torch import save_file
-
-        from ..runtime.torch_lm import load_hf_causal_lm
-
-        spec = self.spec
-        model, tokenizer = load_hf_causal_lm(source, self.ctx.recipe.recipe.model.trust_remote_code)
-        calib = self._windows(tokenizer) if spec.calibration is not None else None
-        if calib is not None:
-            info["calibration"] = calib.identity()
-        if spec.method == "rtn":
-            from ..quant.rtn import quantize_rtn
-
-            t0 = time.perf_counter()
-            tensors, layers, skipped = quantize_rtn(model, spec.bits, spec.group_size, spec.symmetric, spec.exclude)
-            seconds = time.perf_counter() - t0
-        elif spec.method in ("gptq", "awq"):
-            tensors, layers, skipped, seconds = self._gptqmodel(source, out, model, calib.windows, info)
-        else:
-            _require("compressed_tensors", spec.method)
-            from ..quant.smoothquant import quantize_w8a8, save_w8a8_checkpoint
-
-            result = quantize_w8a8(model, calib.windows, spec.exclude, spec.alpha)
-            tensors, layers, skipped, seconds = result.tensors, result.layers, result.excluded, result.seconds
-            info["smoothing"] = result.smoothing
-            save_w8a8_checkpoint(model, tokenizer, result, out / "checkpoint")
-        if not layers:
-            raise StageError(f"no Linear layer of {source} was quantized (all excluded by {list(spec.exclude)})")
-        info.update({"layers": layers, "excluded": skipped})
-        if spec.weight_only:
-            info["zero_point"] = "unsigned, weight = (qweight - zeros) * scales"
-        with torch.no_grad():
-            model.save_pretrained(out / "model", safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "qparams.safetensors"))
-        return seconds
-
-    def _gptqmodel(self, source: Path, out: Path, model, windows, info: dict[str, Any]):
-        """Quantize with GPT-QModel into checkpoint/, read its integers back, write them into `model`."""
-        import torch
-
-        from ..quant.formats import read_checkpoint_layers
-        from ..quant.gptqmodel_runner import quantize_with_gptqmodel
-        from ..quant.rtn import excluded, group_for
-
-        spec = self.spec
-        _require("gptqmodel", spec.method)
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        for name, module in linears.items():
-            if not excluded(name, spec.exclude):
-                group_for(name, module.in_features, spec.group_size)  # a clear error before the library runs
-        got = quantize_with_gptqmodel(source, out / "checkpoint", spec.method, spec.bits, spec.group_size,
-                                      spec.symmetric, windows, spec.exclude, spec.damp_percent, list(linears))
-        config = json.loads((out / "checkpoint" / "config.json").read_text()).get("quantization_config", {})
-        info.update({"library": got["library"], "checkpoint_format": config.get("checkpoint_format",
-                                                                                 config.get("format")),
-                     "damp_percent": config.get("damp_percent")})
-        try:
-            read = read_checkpoint_layers(out / "checkpoint", config.get("quant_method", spec.method), spec.bits,
-                                          spec.group_size)
-        except (KeyError, ValueError) as exc:
-            raise StageError(f"reading the {spec.method} checkpoint's integers: {exc}") from None
-        tensors, layers = {}, []
-        with torch.no_grad():
-            for name, layer in read.items():
-                module = linears.get(name)
-                if module is None or tuple(module.weight.shape) != tuple(layer.qweight.shape):
-                    raise StageError(f"the {spec.method} checkpoint has a layer {name} of shape "
-                                     f"{tuple(layer.qweight.shape)} that the model does not")
-                module.weight.copy_(layer.dequantize())
-                tensors[f"{name}.qweight"] = layer.qweight
-                tensors[f"{name}.scales"] = layer.scales
-                tensors[f"{name}.zeros"] = layer.zeros
-                layers.append({"name": name, "in": module.in_features, "out": module.out_features,
-                               "group": layer.group})
-        copied = self._copy_other_tensors(out / "checkpoint", model)
-        info["tensors_from_checkpoint"] = copied
-        skipped = sorted(n for n in linears if n not in read)
-        return tensors, layers, skipped, got["quantize_seconds"]
-
-    @staticmethod
-    def _copy_other_tensors(checkpoint: Path, model) -> int:
-        """The checkpoint's unquantized tensors (norms, embeddings, biases, excluded layers) into `model`:
-        AWQ folds its scales into the norms before each quantized layer, so the original's are stale."""
-        import torch
-        from safetensors.torch import load_file
-
-        state = model.state_dict()
-        copied = 0
-        with torch.no_grad():
-            for path in sorted(checkpoint.glob("*.safetensors")):
-                for key, value in load_file(str(path)).items():
-                    if key not in state or not value.is_floating_point():
-                        continue
-                    if tuple(value.shape) != tuple(state[key].shape):
-                        raise StageError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model "
-                                         f"{tuple(state[key].shape)}")
-                    state[key].copy_(value.to(state[key].dtype))
-                    copied += 1
-        return copied
 
     # -- verify --------------------------------------------------------------------------------
 
@@ -239,7 +266,7 @@ class QuantizeStage(Stage):
                         "peak_rss_scope": meta.get("peak_rss_scope", "the process"),
                         "quantized_layers": len(quant["layers"])})
         failures: list[str] = []
-        notes = [f"gates: {self.spec.gates()}", f"left unquantized: {', '.join(quant.get('excluded', [])) or 'none'}"]
+        notes = [f"left unquantized: {', '.join(quant.get('excluded', [])) or 'none'}"]
         if checkpoint.name == "checkpoint" and (out / "model").is_dir():
             export_metrics = quality_against_original(self.ctx, out / "model")
             metrics["export_model"] = {k: export_metrics[k] for k in ("kl_mean", "top1_agreement", "perplexity")}
@@ -257,16 +284,17 @@ class QuantizeStage(Stage):
         if self.spec.weight_only and checkpoint.name == "checkpoint":
             worst = self._kernel_agreement(checkpoint, out)
             metrics["kernel_weight_max_rel_diff"] = worst
-            if not worst <= 5e-2:
+            if not worst <= KERNEL_MAX_REL_DIFF:
                 failures.append(f"the extracted integers differ from what the checkpoint's kernels compute with "
-                                f"(max relative weight difference {worst:.3g} > 5e-2): the layout was misread")
-        gates = self.spec.gates()
-        if gates.get("max_kl_mean") is not None and not metrics["kl_mean"] <= gates["max_kl_mean"]:
-            failures.append(f"kl_mean {metrics['kl_mean']:.4g} > max_kl_mean {gates['max_kl_mean']:g}")
-        if gates.get("min_top1_agreement") is not None and not metrics["top1_agreement"] >= gates["min_top1_agreement"]:
+                                f"(max relative weight difference {worst:.3g} > {KERNEL_MAX_REL_DIFF:g}): the layout "
+                                "was misread")
+        gates = self.thresholds()
+        if gates.max_kl_mean is not None and not metrics["kl_mean"] <= gates.max_kl_mean:
+            failures.append(f"kl_mean {metrics['kl_mean']:.4g} > max_kl_mean {gates.max_kl_mean:g}")
+        if gates.min_top1_agreement is not None and not metrics["top1_agreement"] >= gates.min_top1_agreement:
             failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} < min_top1_agreement "
-                            f"{gates['min_top1_agreement']:g}")
-        limit = gates.get("max_perplexity_increase")
+                            f"{gates.min_top1_agreement:g}")
+        limit = gates.max_perplexity_increase
         if limit is not None and not metrics["perplexity_change"] <= limit:
             failures.append(f"perplexity {metrics['perplexity']:.3f} is {metrics['perplexity_change']:+.1%} from "
                             f"{metrics['perplexity_ref']:.3f} > max_perplexity_increase {limit:g}")
@@ -278,11 +306,12 @@ class QuantizeStage(Stage):
         import torch
         from safetensors.torch import load_file
 
+        from ..quant.formats import LayerQuant
+
         reloaded, _ = self.ctx.model_at(checkpoint)
         params = load_file(str(out / "qparams.safetensors"))
         modules = dict(reloaded.named_modules())
         worst = 0.0
-        from ..quant.formats import LayerQuant
 
         for layer in json.loads((out / "quantization.json").read_text())["layers"]:
             name = layer["name"]

@@ -1,56 +1,36 @@
 """simplify: constant folding and graph clean-up with onnxslim or onnxsim (or none).
 
 The simplifier's own checks are not trusted (onnxsim has been seen to corrupt graphs while
-its check passed): the result goes through the same verification as the export.
+its check passed): the result goes through the same verification as the export. A simplifier
+that cannot run on the graph (onnxsim holds the whole model in one protobuf, so it cannot take
+one over 2 GB) leaves the graph unchanged, and the report counts that as not checked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from ..artifacts import onnx_input
 from ..cache import Entry
+from ..config import Strict
 from ..errors import StageError
-from .base import Stage, Verification
-from .export import verify_with_engine_threads
-
-PROTOBUF_LIMIT = 2 * 1024**3
-
-
-def link_or_copy(src: Path, dest: Path) -> None:
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
+from ..onnx_files import MODEL, PROTOBUF_LIMIT, copy_onnx, onnx_bytes
+from ..verify.result import Verification
+from .onnx_stage import OnnxStage
 
 
-def copy_onnx(src_dir: Path, dest_dir: Path) -> None:
-    for name in ("model.onnx", "model.onnx.data"):
-        if (src_dir / name).is_file():
-            link_or_copy(src_dir / name, dest_dir / name)
+class SimplifyConfig(Strict):
+    type: Literal["simplify"]
+    tool: Literal["onnxslim", "onnxsim", "none"] = "onnxslim"
 
 
-def onnx_bytes(folder: Path) -> int:
-    return sum((folder / n).stat().st_size for n in ("model.onnx", "model.onnx.data") if (folder / n).is_file())
-
-
-def save_model(proto, path: Path, external: bool) -> None:
-    import onnx
-
-    if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-
-
-class SimplifyStage(Stage):
+class SimplifyStage(OnnxStage):
     name = "simplify"
-    version = 1
+    Config: ClassVar[type] = SimplifyConfig
+    version = 2
 
     @property
     def tools(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -59,20 +39,21 @@ class SimplifyStage(Stage):
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         import onnx
 
-        src = parent.file("model.onnx")
-        external = parent.file("model.onnx.data").is_file()
-        before = onnx.load(str(src), load_external_data=False)
+        src = onnx_input(parent)
+        before = onnx.load(str(src.model), load_external_data=False)
         nodes_before = len(before.graph.node)
-        notes: list[str] = []
+        skipped: list[dict[str, str]] = []
         if self.spec.tool == "none":
-            copy_onnx(parent.path, out)
+            copy_onnx(src.folder, out)
             proto = before
-        elif self.spec.tool == "onnxsim" and onnx_bytes(parent.path) >= PROTOBUF_LIMIT:
-            notes.append("onnxsim skipped: it cannot hold a model over 2 GB in memory; the graph is unchanged")
-            copy_onnx(parent.path, out)
+        elif self.spec.tool == "onnxsim" and onnx_bytes(src.folder) >= PROTOBUF_LIMIT:
+            skipped.append({"what": "simplification (onnxsim)",
+                            "why": f"the model is {onnx_bytes(src.folder) / 1e9:.2f} GB and onnxsim holds it in one "
+                                   "protobuf (2 GB at most); the graph is unchanged. Use tool: onnxslim"})
+            copy_onnx(src.folder, out)
             proto = before
         else:
-            model = onnx.load(str(src))
+            model = onnx.load(str(src.model))
             self.ctx.say(f"simplifying with {self.spec.tool}")
             with contextlib.redirect_stdout(sys.stderr):
                 try:
@@ -85,18 +66,15 @@ class SimplifyStage(Stage):
 
                         proto, _ = onnxsim.simplify(model, check_n=0)
                 except Exception as exc:
-                    raise StageError(f"{self.spec.tool} failed on {src}: {exc}") from exc
-            save_model(proto, out / "model.onnx", external)
-        shutil.copy2(parent.file("io.json"), out / "io.json")
-        return {"io": parent.meta["stage_meta"]["io"], "tool": self.spec.tool, "nodes_before": nodes_before,
-                "nodes": len(proto.graph.node), "notes": notes}
+                    raise StageError(f"{self.spec.tool} failed on {src.model}: {exc}") from exc
+            self.save_graph(proto, out, src.external)
+        return self.finish(out, src.io, src, tool=self.spec.tool, nodes_before=nodes_before,
+                           nodes=len(proto.graph.node), skipped=skipped)
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
-        v = verify_with_engine_threads(self, out / "model.onnx", meta["io"], parent.file("model.onnx"))
+        v = self.verify_graph(out / MODEL, meta["io"], onnx_input(parent))
         v.metrics["nodes_before"] = meta["nodes_before"]
         v.metrics["nodes_after"] = meta["nodes"]
-        v.notes.extend(meta["notes"])
+        for item in meta.get("skipped", []):
+            v.skip(item["what"], item["why"])
         return v
-
-    def describe(self, entry: Entry) -> str:
-        return str(entry.file("model.onnx"))

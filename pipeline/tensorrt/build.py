@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StageError
-from ..recipe import TensorRTEngineStage
+
+if TYPE_CHECKING:
+    from ..stages.engine_trt import TensorRTEngineConfig
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class BuildSettings:
         return asdict(self)
 
 
-def settings_from_spec(spec: TensorRTEngineStage) -> BuildSettings:
+def settings_from_spec(spec: TensorRTEngineConfig) -> BuildSettings:
     pools = {"WORKSPACE": spec.workspace_mb * 1024**2} if spec.workspace_mb else {}
     return BuildSettings(
         builder_optimization_level=spec.builder_optimization_level,

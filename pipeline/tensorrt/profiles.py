@@ -11,9 +11,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from ..axes import DERIVED_AXES
+from ..config import Strict
 from ..errors import RecipeError
-from ..recipe import TrtProfile
+
+
+class AxisRange(Strict):
+    """Sizes one named dynamic axis takes in an optimization profile."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AxisRange":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got min {self.min}, opt {self.opt}, max {self.max}")
+        return self
+
+
+class TrtProfile(Strict):
+    """One TensorRT optimization profile: a range for each named dynamic axis declared at export."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    axes: dict[str, AxisRange] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _axes(self) -> "TrtProfile":
+        from ..axes import DERIVED_AXES, EXPORTED_AXES, REQUIRED_AXES, ZERO_ALLOWED
+
+        for axis, rng in self.axes.items():
+            if axis in DERIVED_AXES:
+                parts = " + ".join(DERIVED_AXES[axis])
+                raise ValueError(f"profile '{self.name}': axis '{axis}' is derived ({parts}); remove it and give "
+                                 f"{' and '.join(DERIVED_AXES[axis])}")
+            if axis not in EXPORTED_AXES:
+                raise ValueError(f"profile '{self.name}': axis '{axis}' is not declared at export; the exporter "
+                                 f"declares {', '.join(a for a in EXPORTED_AXES if a not in DERIVED_AXES)}")
+            if axis not in ZERO_ALLOWED and rng.min < 1:
+                raise ValueError(f"profile '{self.name}': axis '{axis}' needs min >= 1, got {rng.min}")
+        missing = [a for a in REQUIRED_AXES if a not in self.axes]
+        if missing:
+            raise ValueError(f"profile '{self.name}': no range for {', '.join(missing)}; every profile bounds "
+                             f"{', '.join(REQUIRED_AXES)} (and past_sequence for a decoder)")
+        return self
+
+
 
 Dim = int | str | None  # fixed size, symbolic name, or unknown
 Shape = tuple[int, ...]

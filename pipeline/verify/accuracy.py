@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..recipe import VerifySpec
+from .policy import Policy
+from .settings import VerifySpec
 from ..runtime.base import CausalLMRunner, position_ids_from_mask
 
 
@@ -124,9 +125,10 @@ def matched_prefix(a: list[int], b: list[int]) -> int:
 
 
 def check_accuracy(
-    runner: CausalLMRunner, ref: Reference, spec: VerifySpec
+    runner: CausalLMRunner, ref: Reference, spec: Policy
 ) -> tuple[dict[str, Any], list[str]]:
-    """Metrics and the list of missed thresholds (empty when the runner passes)."""
+    """Metrics and the list of missed thresholds (empty when the runner passes); `spec` holds the stage's
+    effective thresholds (pipeline/verify/policy.py)."""
     b1_logits, _ = runner.forward(ref.b1_ids, np.ones_like(ref.b1_ids),
                                   position_ids_from_mask(np.ones_like(ref.b1_ids)), runner.empty_past(1))
     b2_logits, past = runner.forward(ref.b2_ids, ref.b2_mask, position_ids_from_mask(ref.b2_mask),

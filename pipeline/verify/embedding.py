@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..recipe import LatencySpec, VerifySpec
+from .policy import Policy
+from .settings import LatencySpec, VerifySpec
 
 Batch = dict[str, np.ndarray]
 
@@ -93,7 +94,7 @@ def build_embedding_reference(model: Any, tokenizer: Any, pooling: dict[str, Any
 
 
 def check_embeddings(run: Callable[[Batch], tuple[np.ndarray, np.ndarray]], ref: EmbeddingReference,
-                     spec: VerifySpec) -> tuple[dict[str, Any], list[str]]:
+                     spec: Policy) -> tuple[dict[str, Any], list[str]]:
     hidden, emb = run(ref.batch)
     real = ref.batch["attention_mask"].astype(bool)
     hidden_diff = float(np.abs(hidden - ref.hidden)[real].max())

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..recipe import LatencySpec
+from .settings import LatencySpec
 from ..runtime.base import CausalLMRunner
 
 

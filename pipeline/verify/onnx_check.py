@@ -8,18 +8,20 @@ PyTorch eager baseline measured in the same run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..context import RunContext
 from ..errors import StageError
-from ..recipe import VerifySpec
+from .policy import Policy
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
-from ..stages.base import Verification
+from .result import Verification
 from .accuracy import check_accuracy
 from .latency import measure_latency
+
+if TYPE_CHECKING:
+    from ..context import RunContext
 
 
 def _padded_prefill(runner: OrtLM, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -29,7 +31,7 @@ def _padded_prefill(runner: OrtLM, ids: np.ndarray, mask: np.ndarray) -> np.ndar
 
 def verify_onnx_lm(
     ctx: RunContext,
-    spec: VerifySpec,
+    policy: Policy,
     model: Path,
     io: dict[str, Any],
     settings: SessionSettings,
@@ -37,7 +39,8 @@ def verify_onnx_lm(
     parent_io: dict[str, Any] | None = None,
 ) -> Verification:
     if io.get("task", "causal-lm") == "feature-extraction":
-        return verify_onnx_encoder(ctx, spec, model, settings, parent_model)
+        return verify_onnx_encoder(ctx, policy, model, settings, parent_model)
+    spec = ctx.verify_spec
     ref = ctx.reference()
     ctx.say(f"verifying {model.name}: accuracy")
     try:
@@ -45,7 +48,7 @@ def verify_onnx_lm(
     except Exception as exc:  # ONNX Runtime raises its own types for invalid graphs
         raise StageError(f"ONNX Runtime cannot load {model}: {exc}") from exc
     try:
-        metrics, failures = check_accuracy(runner, ref, spec)
+        metrics, failures = check_accuracy(runner, ref, policy)
         if parent_model is not None:
             parent = OrtLM(parent_model, parent_io or io, settings)
             try:
@@ -69,7 +72,7 @@ def verify_onnx_lm(
     return Verification(passed=not failures, metrics=metrics, failures=failures)
 
 
-def verify_onnx_encoder(ctx: RunContext, spec: VerifySpec, model: Path, settings: SessionSettings,
+def verify_onnx_encoder(ctx: RunContext, policy: Policy, model: Path, settings: SessionSettings,
                         parent_model: Path | None) -> Verification:
     from .embedding import check_embeddings, measure_encoder_latency, ort_encoder, torch_encoder
 
@@ -79,7 +82,8 @@ def verify_onnx_encoder(ctx: RunContext, spec: VerifySpec, model: Path, settings
     except Exception as exc:  # ONNX Runtime raises its own types for invalid graphs
         raise StageError(f"ONNX Runtime cannot load {model}: {exc}") from exc
     ctx.say(f"verifying {model.name}: embeddings")
-    metrics, failures = check_embeddings(run, ref, spec)
+    metrics, failures = check_embeddings(run, ref, policy)
+    spec = ctx.verify_spec
     if parent_model is not None:
         _, mine = run(ref.batch)
         _, theirs = ort_encoder(parent_model, settings)(ref.batch)

@@ -11,15 +11,17 @@ baseline is reported as such.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..context import RunContext
-from ..recipe import TensorRTEngineStage
 from ..runtime.base import position_ids_from_mask
-from ..stages.base import Verification
 from ..tensorrt.profiles import DerivedProfile
+from .result import Verification
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+    from ..stages.engine_trt import TensorRTEngineConfig
 
 
 def _tokens(ctx: RunContext, n: int) -> np.ndarray:
@@ -74,7 +76,7 @@ def compare_profile(plan: Path, onnx_path: Path, index: int, feed: dict[str, Any
     return metrics, failures
 
 
-def verify_trt_engine(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, onnx_path: Path,
+def verify_trt_engine(ctx: RunContext, spec: TensorRTEngineConfig, plan: Path, onnx_path: Path,
                       meta: dict[str, Any]) -> Verification:
     from ..tensorrt.profiles import DerivedProfile, InputShapes
 
@@ -98,7 +100,7 @@ def verify_trt_engine(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, on
     return Verification(passed=not failures, metrics=metrics, failures=failures, notes=notes)
 
 
-def _latency(ctx: RunContext, spec: TensorRTEngineStage, plan: Path, onnx_path: Path, io: dict[str, Any],
+def _latency(ctx: RunContext, spec: TensorRTEngineConfig, plan: Path, onnx_path: Path, io: dict[str, Any],
              derived: list[DerivedProfile], notes: list[str]) -> dict[str, Any]:
     from ..runtime.trt_lm import TrtLM
     from .latency import measure_latency

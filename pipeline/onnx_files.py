@@ -1,0 +1,42 @@
+"""ONNX model files in an artifact folder: saving with external data, linking, sizes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MODEL = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+PROTOBUF_LIMIT = 2 * 1024**3  # one serialized protobuf message cannot exceed 2 GB
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link `src` to `dest` where the file system allows it, else copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def copy_onnx(src_dir: Path, dest_dir: Path) -> None:
+    for name in (MODEL, EXTERNAL_DATA):
+        if (src_dir / name).is_file():
+            link_or_copy(src_dir / name, dest_dir / name)
+
+
+def onnx_bytes(folder: Path) -> int:
+    return sum((folder / n).stat().st_size for n in (MODEL, EXTERNAL_DATA) if (folder / n).is_file())
+
+
+def save_model(proto: Any, path: Path, external: bool) -> None:
+    """Save a ModelProto; with `external`, every initializer over 1 KB goes to `<name>.data` beside it."""
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
