@@ -8,12 +8,12 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: engine test plan bench model clean-cache
+.PHONY: engine test lint plan bench model clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant]'
+	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint]'
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -25,8 +25,13 @@ plan: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff and mypy with the rule sets in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/mypy
+
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,bench]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint,bench]'
 	touch $(BENCH_STAMP)
 
 # `make bench` (about 15 minutes on 2 cores) or `make bench QUICK=1` (about 2 minutes)

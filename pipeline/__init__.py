@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "load_recipe", "__version__"]
+__all__ = ["Pipeline", "__version__", "load_recipe"]
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline

@@ -19,10 +19,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import CacheError
 from .hashing import HashMemo, file_table
@@ -190,7 +191,7 @@ class ArtifactCache:
 
     # ---- listing -----------------------------------------------------------------------
     def entries(self) -> list[Entry]:
-        out = []
+        out: list[Entry] = []
         if not self.root.is_dir():
             return out
         for fan in sorted(self.root.iterdir()):

@@ -72,9 +72,8 @@ def run(recipe: Path, force: str | None, until: str | None, as_json: bool, no_me
     """Run RECIPE: build what the cache lacks, verify every stage, write a report."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .pipeline import Pipeline
-
     from .logs import stdout_to_stderr
+    from .pipeline import Pipeline
 
     console = _console()
     # standard output carries the report alone (under --json) or nothing: what a library prints goes to stderr

@@ -4,9 +4,10 @@ actually has to run)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import Artifact, artifact_of
 from .cache import ArtifactCache, Entry

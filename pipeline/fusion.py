@@ -33,8 +33,9 @@ class _Graph:
     outputs: set[str]
 
     @classmethod
-    def of(cls, graph) -> "_Graph":
-        producer, consumers = {}, {}
+    def of(cls, graph) -> _Graph:
+        producer: dict[str, Any] = {}
+        consumers: dict[str, list[Any]] = {}
         for node in graph.node:
             for name in node.output:
                 producer[name] = node

@@ -109,6 +109,7 @@ def lower_int4(model, info: dict[str, Any], params: dict[str, np.ndarray], fmt: 
                                               name=prefix + "_dq", axis=0, block_size=group))
             new_nodes.append(helper.make_node("MatMul", [node.input[0], dq_out], list(node.output), name=node.name))
         lowered.append(match["name"])
+        assert b is not None  # a match is only found for a MatMul's weight input
         consumers[b] -= 1
         if consumers[b] == 0:
             unused.add(b)

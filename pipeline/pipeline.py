@@ -9,9 +9,10 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cache import ArtifactCache, Entry
 from .context import RunContext
@@ -22,8 +23,8 @@ from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import load_stage_class, stage_class
 from .report import write_report
 from .stages.base import Stage
-from .verify.result import Verification
 from .target import cpu_fingerprint, package_version
+from .verify.result import Verification
 
 DEFAULT_CACHE = "artifacts"
 STAGE_NAMES = ("load",) + STAGE_ORDER
@@ -85,7 +86,7 @@ class Pipeline:
     @classmethod
     def from_recipe(cls, path: str | Path, cache_dir: str | Path | None = None,
                     say: Callable[[str], None] | None = None,
-                    gpu_probe: Callable[[], Any] | None = None) -> "Pipeline":
+                    gpu_probe: Callable[[], Any] | None = None) -> Pipeline:
         return cls(load_recipe(path), cache_dir, say, gpu_probe)
 
     # ---- planning ----------------------------------------------------------------------
@@ -123,15 +124,15 @@ class Pipeline:
         the target GPU (pipeline/gpu_estimate.py); None for encoders."""
         from .gpu_estimate import estimate
 
-        load = planned[0].stage
+        load: Any = planned[0].stage
         tensorrt = getattr(self.recipe.recipe.stage("engine"), "backend", None) == "tensorrt"
         return estimate(self.recipe.recipe, load.info(), load.ctx.gpu() if tensorrt else None)
 
     @staticmethod
-    def _peak_memory(load_stage: Stage, stage: Stage) -> int:
+    def _peak_memory(load_stage: Any, stage: Stage) -> int:
         return peak_bytes(load_stage.info(), stage.memory_factor)
 
-    def _check_memory(self, load_stage: Stage, stage: Stage) -> None:
+    def _check_memory(self, load_stage: Any, stage: Stage) -> None:
         need = self._peak_memory(load_stage, stage)
         have = available_bytes()
         if have is not None and need > have:
@@ -209,7 +210,7 @@ class Pipeline:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
                             return StageResult(stage.name, key, False, seconds, "(not kept: failed verification)",
                                                verification.to_dict(), meta=stage_meta), None
-                        meta = {
+                        meta: dict[str, Any] = {
                             "stage": stage.name, "key": key, "parent": parent.key if parent else None,
                             "key_material": stage.key_material(parent.key if parent else None),
                             "stage_meta": stage_meta, "verify": verification.to_dict(),

@@ -28,21 +28,21 @@ STAGE_ORDER: tuple[str, ...] = tuple(dict.fromkeys(k.partition(":")[0] for k in 
 ENGINE_BACKENDS: tuple[str, ...] = tuple(k.partition(":")[2] for k in STAGES if k.startswith("engine:"))
 
 
-def _load(ref: str) -> type:
+def _load(ref: str) -> Any:
     module, _, cls = ref.partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def recipe_stage_classes() -> dict[str, type]:
+def recipe_stage_classes() -> dict[str, Any]:
     """Registry key -> stage class, for every stage a recipe may list."""
     return {key: _load(ref) for key, ref in STAGES.items() if key != "load"}
 
 
-def load_stage_class() -> type:
+def load_stage_class() -> Any:
     return _load(STAGES["load"])
 
 
-def stage_class(spec: Any) -> type:
+def stage_class(spec: Any) -> Any:
     name = spec.type
     backend = getattr(spec, "backend", None)
     ref = STAGES.get(f"{name}:{backend}") if backend else STAGES.get(name)

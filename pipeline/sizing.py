@@ -27,10 +27,10 @@ class ParameterCount:
 
 
 def parameter_count(config: dict[str, Any], geometry: dict[str, int]) -> ParameterCount:
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    inter = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    inter = int(config.get("intermediate_size") or config.get("n_inner") or 4 * hidden)
     layers, kv_heads, head_dim = geometry["num_layers"], geometry["kv_heads"], geometry["head_dim"]
-    heads = config.get("num_attention_heads") or config.get("n_head")
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 0)
     vocab = geometry["vocab_size"]
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
     mlp = 3 * hidden * inter  # gate, up, down

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.bench.worker import GenaiEngine, OrtEngine  # noqa: E402
+from pipeline.bench.worker import GenaiEngine, OrtEngine
 
 
 def open_engine(folder: Path, threads: int):

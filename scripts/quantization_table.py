@@ -75,8 +75,8 @@ def main() -> None:
                          "perplexity": m["perplexity"], "perplexity_ref": m["perplexity_ref"],
                          "seconds": m["quantize_seconds"], "peak_rss_mb": m["peak_rss_mb"],
                          "recipe": name, "changes": changes})
-    print("| method | bits | group | kl_mean | top-1 | perplexity (FP32 %.3f) | seconds | peak RSS MB |"
-          % rows[0]["perplexity_ref"])
+    print(f"| method | bits | group | kl_mean | top-1 | perplexity (FP32 {rows[0]['perplexity_ref']:.3f}) | seconds "
+          "| peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         sym = "" if r["method"].startswith(("bitsandbytes", "W8A8", "Smooth")) else (

@@ -38,10 +38,9 @@ def test_commit_then_lookup(tmp_path):
 def test_failed_build_leaves_nothing(tmp_path):
     store = ArtifactCache(tmp_path)
     key = chain_key("k")
-    with pytest.raises(RuntimeError):
-        with store.building(key) as tmp:
-            (tmp / "model.onnx").write_bytes(b"half")
-            raise RuntimeError("stage crashed")
+    with pytest.raises(RuntimeError), store.building(key) as tmp:
+        (tmp / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("stage crashed")
     assert store.check(key)[0] == "miss"
     assert not any((tmp_path / ".tmp").iterdir())
 
@@ -92,7 +91,7 @@ def test_gc_keeps_recent_runs_and_locked_entries(tmp_path):
     run.mkdir(parents=True)
     (run / "report.json").write_text(json.dumps({"stages": [{"key": keys[0]}]}))
     with store.lock(keys[1]):
-        removed, kept = collect(store, keep_runs=5)
+        removed, _ = collect(store, keep_runs=5)
     removed_keys = {k for k, _ in removed}
     assert removed_keys == {keys[2], keys[3]}
     assert store.lookup(keys[0]) is not None and store.lookup(keys[1]) is not None

@@ -52,7 +52,7 @@ def test_int4_lowering_reproduces_the_quantized_model(tmp_path, cache, fmt, opse
     model = onnx.load(result.stage("precision").artifact)
     from pathlib import Path
 
-    info, params = load_qparams(Path(result.stage("quantize").artifact).parent)
+    _, params = load_qparams(Path(result.stage("quantize").artifact).parent)
     inits = {i.name: i for i in model.graph.initializer}
     name = "model.layers.0.mlp.down_proj"
     if fmt == "matmulnbits":

@@ -12,9 +12,17 @@ from pipeline import Pipeline
 from pipeline.errors import RecipeError, ResourceError, StageError
 from pipeline.gpu import GpuFingerprint, detect_gpu, parse_smi, parse_smi_cuda
 from pipeline.stages.engine_trt import TensorRTEngineConfig
-from pipeline.tensorrt.profiles import TrtProfile
-from pipeline.tensorrt.profiles import (GraphInput, axis_ranges, check_decoder_axes, derive_profile,
-                                        derive_profiles, graph_inputs, profile_for, to_polygraphy)
+from pipeline.tensorrt.profiles import (
+    GraphInput,
+    TrtProfile,
+    axis_ranges,
+    check_decoder_axes,
+    derive_profile,
+    derive_profiles,
+    graph_inputs,
+    profile_for,
+    to_polygraphy,
+)
 
 from .conftest import SHIPPED_MODEL
 

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 import sys
 import venv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 OPTIMUM_REQUIREMENTS = ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", "onnxruntime==1.31.1"]
 

@@ -10,20 +10,21 @@ the engines so a noisy neighbour hurts every engine alike.
 from __future__ import annotations
 
 import json
-import subprocess
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..verify.accuracy import matched_prefix
 from . import worker
 from .machine import contention_sample, memory_bandwidth
 from .models import build_large_llama, model_weight_bytes
-from ..verify.accuracy import matched_prefix
 from .peers import genai_engine, genai_threads, optimum_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +119,7 @@ class Workers:
     engine's own interpreter (a peer may bring its own virtual environment)."""
 
     def __init__(self, log: Path) -> None:
-        self.log = open(log, "a")
+        self.log = open(log, "a")  # noqa: SIM115 (kept open for the workers' lifetime, closed in close())
         self.live: dict[tuple[str, str, int], tuple[subprocess.Popen, worker.JsonLines]] = {}
 
     def start(self, engine: Engine, threads: int) -> dict[str, Any]:
@@ -189,11 +190,11 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
                 engines.append(Engine("optimum-ort", "optimum", model_name, folder, folder_bytes(folder), "peer",
                                       model_dir, python=python))
         for name, precision in GENAI_VARIANTS.items():
-            folder = genai_engine(model_dir, precision, out_dir, say)
-            if folder is None:
+            genai = genai_engine(model_dir, precision, out_dir, say)
+            if genai is None:
                 notes.append(f"{name}: onnxruntime-genai is not installed (pip install '.[bench]')")
                 continue
-            engines.append(Engine(name, "genai", model_name, folder, folder_bytes(folder), "peer", model_dir))
+            engines.append(Engine(name, "genai", model_name, genai, folder_bytes(genai), "peer", model_dir))
     notes.append("FP16 engines are not timed: ONNX Runtime's CPU provider runs most FP16 ops through casts; "
                  "there is no GPU here.")
     notes.append("enginewright-rtn-int4 is RTN W4 g128, LM head included, lowered to MatMulNBits with int8 compute "
@@ -214,7 +215,7 @@ def run_bench(out_dir: Path, cache_dir: Path, quick: bool = False, say: Callable
                    "prefill": rng.integers(3, 2048, (1, wl.prefill))} for m in models}
 
     workers = Workers(out_dir / "workers.log")
-    records: dict[tuple, dict[str, list]] = {}
+    records: dict[tuple, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     try:
         for engine in engines:

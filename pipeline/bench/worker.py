@@ -184,7 +184,7 @@ def peak_rss_bytes() -> int:
 def serve(conn, spec: dict[str, Any]) -> None:
     """Worker loop: load the engine, then answer workload requests until told to stop."""
     try:
-        engine = ENGINES[spec["kind"]](spec)
+        engine: Any = ENGINES[spec["kind"]](spec)
         conn.send({"ok": True, "rss": peak_rss_bytes()})
     except Exception as exc:  # reported to the coordinator, which records the engine as failed
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})

@@ -19,15 +19,16 @@ Checkpoint layouts read here (all store 32-bit words of 32/bits integers, low bi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # position in a word of column 0..7 (inverse of the packing order)
 
 
 @dataclass
 class LayerQuant:
-    qweight: object  # torch uint8 [O, I]
-    scales: object  # torch float32 [O, G]
-    zeros: object  # torch uint8 [O, G]
+    qweight: Any  # torch uint8 [O, I]
+    scales: Any  # torch float32 [O, G]
+    zeros: Any  # torch uint8 [O, G]
     group: int
 
     def dequantize(self):

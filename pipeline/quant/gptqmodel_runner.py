@@ -95,13 +95,13 @@ def _log_files_elsewhere():
     if module is None or not hasattr(module, "_PROJECT_LOG_DIR"):
         yield
         return
-    saved = module._PROJECT_LOG_DIR
+    saved = getattr(module, "_PROJECT_LOG_DIR")  # noqa: B009 (a private attribute of the library)
     with tempfile.TemporaryDirectory(prefix="gptqmodel-logs-") as tmp:
-        module._PROJECT_LOG_DIR = Path(tmp)
+        setattr(module, "_PROJECT_LOG_DIR", Path(tmp))  # noqa: B010
         try:
             yield
         finally:
-            module._PROJECT_LOG_DIR = saved
+            setattr(module, "_PROJECT_LOG_DIR", saved)  # noqa: B010
 
 
 def build(job):
@@ -120,7 +120,7 @@ def build(job):
     info: dict[str, Any] = {}
     model, tokenizer = job.load()
     windows = job.windows(tokenizer, info)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears: dict[str, Any] = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for name, module in linears.items():
         if not excluded(name, cfg.exclude):
             group_for(name, module.in_features, cfg.group_size)  # a clear error before the library runs

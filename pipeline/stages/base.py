@@ -93,7 +93,7 @@ class Stage(ABC):
     def key(self, parent_key: str | None) -> str:
         return chain_key(self.key_material(parent_key))
 
-    def preflight(self) -> None:
+    def preflight(self) -> None:  # noqa: B027 (a hook: most stages can build anywhere)
         """Raise ResourceError if this machine cannot build the stage (called only on a cache miss)."""
 
     def plan_note(self) -> str | None:

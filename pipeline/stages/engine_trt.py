@@ -58,7 +58,7 @@ class TensorRTEngineConfig(Strict):
     compare: TrtCompare = TrtCompare()
 
     @model_validator(mode="after")
-    def _options(self) -> "TensorRTEngineConfig":
+    def _options(self) -> TensorRTEngineConfig:
         names = [p.name for p in self.profiles]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -15,7 +15,7 @@ from ..arch import arch_for, sentence_pooling
 from ..artifacts import artifact_record
 from ..cache import Entry
 from ..errors import ModelError
-from ..hashing import HashMemo, chain_key
+from ..hashing import chain_key
 from ..verify.result import Verification
 from .base import Stage
 

@@ -51,7 +51,7 @@ class PackageConfig(Strict):
     instance_count: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _batching(self) -> "PackageConfig":
+    def _batching(self) -> PackageConfig:
         if self.dynamic_batching is not None:
             if self.max_batch_size == 0:
                 raise ValueError("dynamic_batching needs max_batch_size > 0 (Triton batches only models that "
@@ -104,7 +104,8 @@ class PackageStage(Stage):
                            parameters=dict(serving.get("parameters", {})), graph_level=serving.get("graph_level"))
 
     def _upstream(self, engine: Entry) -> list[Entry]:
-        chain, entry = [], engine
+        chain: list[Entry] = []
+        entry: Entry | None = engine
         while entry is not None:
             chain.append(entry)
             parent = entry.meta.get("parent")
@@ -142,9 +143,13 @@ class PackageStage(Stage):
                 "files": sorted(manifest["files"]), "max_batch_size": model.max_batch_size}
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
+        if parent is None:
+            raise StageError("package needs an engine from the stage before it")
         folder = out / REPOSITORY / meta["model"]
         manifest = json.loads((folder / PACKAGE_MANIFEST).read_text())
-        failures, notes, metrics = [], [], {"files": len(manifest["files"])}
+        failures: list[str] = []
+        notes: list[str] = []
+        metrics: dict[str, Any] = {"files": len(manifest["files"])}
         actual = file_table(folder)
         actual.pop(PACKAGE_MANIFEST, None)
         if actual != manifest["files"]:

@@ -59,7 +59,7 @@ class PrecisionConfig(Strict):
     verify: Thresholds | None = None
 
     @model_validator(mode="after")
-    def _calibration(self) -> "PrecisionConfig":
+    def _calibration(self) -> PrecisionConfig:
         if self.mode == "int4" and self.calibration is not None:
             raise ValueError("mode int4 lowers the quantize stage's integers and does not calibrate; "
                              "remove the calibration section")
@@ -280,6 +280,7 @@ class PrecisionStage(OnnxStage):
         windows = calibration_windows(self.ctx.tokenizer(), cal.text, cal.samples, cal.seq_len, cal.seed,
                                       self.ctx.recipe.path.parent,
                                       where=f"{self.ctx.recipe.path}: stages.precision.calibration")
+        reader: EncoderCalibrationReader | KVCalibrationReader
         if io.get("task", "causal-lm") == "feature-extraction":
             reader = EncoderCalibrationReader(io, windows.windows, self.ctx.tokenizer())
         else:

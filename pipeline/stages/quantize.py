@@ -117,7 +117,7 @@ class QuantizeConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "QuantizeConfig":
+    def _check(self) -> QuantizeConfig:
         method = self.quant_method
         if self.bits not in method.bits:
             raise ValueError(f"method {method.name} quantizes to {' or '.join(map(str, method.bits))} bits, "

@@ -26,7 +26,7 @@ class AxisRange(Strict):
     max: int = Field(ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AxisRange":
+    def _ordered(self) -> AxisRange:
         if not self.min <= self.opt <= self.max:
             raise ValueError(f"needs min <= opt <= max, got min {self.min}, opt {self.opt}, max {self.max}")
         return self
@@ -39,7 +39,7 @@ class TrtProfile(Strict):
     axes: dict[str, AxisRange] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _axes(self) -> "TrtProfile":
+    def _axes(self) -> TrtProfile:
         from ..axes import DERIVED_AXES, EXPORTED_AXES, REQUIRED_AXES, ZERO_ALLOWED
 
         for axis, rng in self.axes.items():
@@ -144,10 +144,14 @@ def derive_profile(profile: TrtProfile, inputs: list[GraphInput], where: str = "
     for inp in inputs:
         if all(isinstance(d, int) for d in inp.dims):
             continue  # static input: TensorRT needs no profile entry
-        lo, mid, hi = [], [], []
+        lo: list[int] = []
+        mid: list[int] = []
+        hi: list[int] = []
         for i, dim in enumerate(inp.dims):
             if isinstance(dim, int):
-                lo.append(dim), mid.append(dim), hi.append(dim)
+                lo.append(dim)
+                mid.append(dim)
+                hi.append(dim)
                 continue
             if dim is None:
                 raise RecipeError(f"{prefix}graph input {inp.name} has an unnamed dynamic dimension {i}; "
@@ -159,7 +163,10 @@ def derive_profile(profile: TrtProfile, inputs: list[GraphInput], where: str = "
                 raise RecipeError(f"{prefix}profile '{profile.name}' gives no range for axis '{missing[0]}', which "
                                   f"graph input {inp.name} uses{via} (dimension {i}); add it to the profile's axes")
             used.update(DERIVED_AXES.get(dim, (dim,)))
-            lo.append(ranges[dim][0]), mid.append(ranges[dim][1]), hi.append(ranges[dim][2])
+            low, opt, high = ranges[dim]
+            lo.append(low)
+            mid.append(opt)
+            hi.append(high)
         shapes[inp.name] = InputShapes(tuple(lo), tuple(mid), tuple(hi))
     given = set(profile.axes)
     unused = sorted(given - used)

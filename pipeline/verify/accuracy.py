@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.base import CausalLMRunner, position_ids_from_mask
 from .policy import Policy
 from .settings import VerifySpec
-from ..runtime.base import CausalLMRunner, position_ids_from_mask
 
 
 @dataclass

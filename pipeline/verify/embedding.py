@@ -10,9 +10,10 @@ similarity ranking.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def check_embeddings(run: Callable[[Batch], tuple[np.ndarray, np.ndarray]], ref:
         "embedding_cosine_mean": float(cos.mean()),
         "pair_similarity_max_abs_diff": float(np.abs(sims - ref.pair_sims).max()),
         "pair_ranking_preserved": ranking,
-        "sentences": int(len(emb)),
+        "sentences": len(emb),
     }
     failures = []
     if spec.prefill_atol is not None and not hidden_diff <= spec.prefill_atol:

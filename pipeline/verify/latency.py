@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .settings import LatencySpec
 from ..runtime.base import CausalLMRunner
+from .settings import LatencySpec
 
 
 def latency_prompt(tokenizer: Any, text: str, tokens: int) -> np.ndarray:

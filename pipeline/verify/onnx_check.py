@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import StageError
-from .policy import Policy
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
-from .result import Verification
 from .accuracy import check_accuracy
 from .latency import measure_latency
+from .policy import Policy
+from .result import Verification
 
 if TYPE_CHECKING:
     from ..context import RunContext

@@ -103,9 +103,8 @@ def verify_trt_engine(ctx: RunContext, spec: TensorRTEngineConfig, plan: Path, o
 def _latency(ctx: RunContext, spec: TensorRTEngineConfig, plan: Path, onnx_path: Path, io: dict[str, Any],
              derived: list[DerivedProfile], notes: list[str]) -> dict[str, Any]:
     from ..runtime.trt_lm import TrtLM
-    from .latency import measure_latency
-
     from ..tensorrt.profiles import graph_inputs
+    from .latency import measure_latency
 
     ctx.say("timing the TensorRT engine")
     dtypes = {i.name: i.dtype for i in graph_inputs(onnx_path)}
