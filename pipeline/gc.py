@@ -16,7 +16,9 @@ def recent_keys(store: ArtifactCache, keep_runs: int) -> set[str]:
     keys: set[str] = set()
     for report in reports[:keep_runs]:
         try:
-            keys.update(s["key"] for s in json.loads(report.read_text())["stages"])
+            data = json.loads(report.read_text())
+            keys.update(s["key"] for s in data["stages"])
+            keys.update(data.get("imports", []))  # a GGUF's converted folder, which the run's model was
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return keys

@@ -137,7 +137,7 @@ class Pipeline:
         have = available_bytes()
         if have is not None and need > have:
             raise ResourceError(
-                f"stage '{stage.name}' needs about {gib(need)} of memory for {self.recipe.model_path} "
+                f"stage '{stage.name}' needs about {gib(need)} of memory for {self.recipe.recipe.model.path} "
                 f"(1 GiB runtime + float32 weights x {stage.memory_factor}) and this machine has {gib(have)} available; "
                 "run it on a larger machine, or pass check_memory=False / --no-memory-check to try anyway"
             )
@@ -182,6 +182,7 @@ class Pipeline:
         except EnginewrightError as exc:
             error = exc
         report = self._report(results, started, error)
+        report["imports"] = ctx.imports()
         run_dir = self.cache.root / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.recipe.recipe.name}"
         write_report(report, run_dir)
         if error is not None:

@@ -15,6 +15,7 @@ from ..arch import arch_for, sentence_pooling
 from ..artifacts import artifact_record
 from ..cache import Entry
 from ..errors import ModelError
+from ..gguf_import import gguf_record
 from ..hashing import chain_key
 from ..verify.result import Verification
 from .base import Stage
@@ -99,6 +100,7 @@ def inspect_model(folder: Path, trust_remote_code: bool, config_only_ok: bool = 
         "geometry": geometry.__dict__,
         "weights_bytes": sum(w.stat().st_size for w in weights),
         "dtype": str(config.get("dtype") or config.get("torch_dtype") or "float32"),
+        "source": gguf_record(folder) or {"source": "huggingface"},
     }
 
 
@@ -137,7 +139,7 @@ class LoadStage(Stage):
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = inspect_model(self.ctx.recipe.model_path, self.spec.trust_remote_code,
+            self._info = inspect_model(self.ctx.model_path, self.spec.trust_remote_code,
                                        config_only_ok=self.ctx.planning)
         return self._info
 
@@ -172,8 +174,13 @@ class LoadStage(Stage):
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         model, _ = self.ctx.reference_model()
         n_params = sum(p.numel() for p in model.parameters())
-        return Verification(passed=True, metrics={"parameters": int(n_params)},
-                            notes=["loaded with transformers from safetensors"])
+        notes = ["loaded with transformers from safetensors"]
+        source = meta["model"].get("source", {})
+        if source.get("source") == "gguf":
+            types = ", ".join(f"{k} {v}" for k, v in sorted(source["tensor_types"].items()))
+            notes.append(f"weights dequantized to float32 from the GGUF file {source['file']} "
+                         f"({source['file_type']}; tensors: {types}); sha256 {source['sha256'][:16]}…")
+        return Verification(passed=True, metrics={"parameters": int(n_params)}, notes=notes)
 
     def describe(self, entry: Entry) -> str:
         return entry.meta.get("stage_meta", {}).get("model", {}).get("path", str(entry.path))

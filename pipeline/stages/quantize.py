@@ -200,7 +200,7 @@ class QuantizeStage(Stage):
 
         spec = self.spec
         method = spec.quant_method
-        source = self.ctx.recipe.model_path
+        source = self.ctx.model_path
         info: dict[str, Any] = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
                                 "symmetric": spec.symmetric, "exclude": list(spec.exclude)}
         self.ctx.say(f"quantizing: {self._label()}")

@@ -32,7 +32,7 @@ def _logprobs(ctx, folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def quality_against_original(ctx, folder: Path) -> dict[str, Any]:
     """`folder` is loaded from disk (what ships), never taken from memory."""
-    windows, ref = _logprobs(ctx, ctx.recipe.model_path)
+    windows, ref = _logprobs(ctx, ctx.model_path)
     _, got = _logprobs(ctx, folder)
     ppl, ppl_ref = perplexity(got, windows), perplexity(ref, windows)
     return {**distribution_metrics(ref, got), "perplexity": ppl, "perplexity_ref": ppl_ref,
