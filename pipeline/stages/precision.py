@@ -9,6 +9,7 @@ attention-score MatMuls never are, and the LM head only if the recipe asks.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,6 +38,19 @@ class CalibrationSpec(Strict):
     method: Literal["minmax", "percentile", "entropy"] = "minmax"
 
 
+class Int8Fallback(Strict):
+    """INT8 only: keep the weight MatMuls whose inputs carry the largest outliers in FP32, in growing steps,
+    until the INT8 graph is within max_kl_mean of the FP32 graph on calibration windows (pipeline/int8_fallback.py)."""
+
+    enabled: bool = True
+    max_kl_mean: float = Field(default=0.01, gt=0, description="KL against the FP32 graph to reach, on calibration text.")
+    max_layers: int = Field(default=16, ge=0, description="At most this many weight MatMuls stay in FP32.")
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=4, ge=1, le=256)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    seed: int = 1
+
+
 class PrecisionConfig(Strict):
     type: Literal["precision"]
     mode: Literal["fp16", "int8-dynamic", "int8-qdq", "int4"]
@@ -55,11 +69,23 @@ class PrecisionConfig(Strict):
                  "ReduceMean", "Sqrt", "Reciprocal"),
         description="FP16: op types kept in FP32 (norms, softmax).")
     calibration: CalibrationSpec | None = None
+    fp32_fallback: Int8Fallback | None = Field(default=None, description="INT8 modes (on by default there): the "
+                                                                         "outlier layers kept in FP32.")
     # thresholds for this stage and every later one, over the mode's defaults and the recipe's verify section
     verify: Thresholds | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fallback_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and str(data.get("mode", "")).startswith("int8") and data.get("fp32_fallback") is None:
+            data = {**data, "fp32_fallback": {}}
+        return data
+
     @model_validator(mode="after")
     def _calibration(self) -> PrecisionConfig:
+        if self.fp32_fallback is not None and not self.mode.startswith("int8"):
+            raise ValueError(f"fp32_fallback chooses layers an INT8 graph keeps in FP32; mode {self.mode} has none: "
+                             "remove it")
         if self.mode == "int4" and self.calibration is not None:
             raise ValueError("mode int4 lowers the quantize stage's integers and does not calibrate; "
                              "remove the calibration section")
@@ -203,9 +229,29 @@ class KVCalibrationReader:
 class PrecisionStage(OnnxStage):
     name = "precision"
     Config: ClassVar[type] = PrecisionConfig
-    version = 4
+    version = 5
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
+
+    @property
+    def target_specific(self) -> bool:  # type: ignore[override]
+        """An INT8 graph for the CPU is made for the integer kernels of the CPU it is built on."""
+        return self.spec.mode.startswith("int8") and self.spec.target == "cpu"
+
+    def target(self) -> dict[str, Any] | None:
+        from ..target import int8_kernels
+
+        return {"int8_kernels": int8_kernels()} if self.target_specific else None
+
+    def key_material(self, parent_key: str | None) -> dict[str, Any]:
+        material = super().key_material(parent_key)
+        fallback = self.spec.fp32_fallback
+        if fallback is not None and fallback.enabled:
+            from ..calibration import text_identity
+
+            where = f"{self.ctx.recipe.path}: stages.precision.fp32_fallback"
+            material["fallback_text"] = text_identity(fallback.text, self.ctx.recipe.path.parent, where=where)
+        return material
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         import onnx
@@ -220,12 +266,10 @@ class PrecisionStage(OnnxStage):
             try:
                 if self.spec.mode == "fp16":
                     self._fp16(src, out / MODEL, external)
-                elif self.spec.mode == "int8-dynamic":
-                    self._int8_dynamic(src, out / MODEL, nodes, external)
                 elif self.spec.mode == "int4":
                     meta["lowering"] = self._int4(src, out / MODEL, external)
                 else:
-                    meta["calibration"] = self._int8_qdq(src, out / MODEL, io, nodes, external)
+                    nodes = self._int8(src, out, io, nodes, external, meta)
             except EnginewrightError:
                 raise
             except Exception as exc:
@@ -265,17 +309,77 @@ class PrecisionStage(OnnxStage):
         save_model(model, dst, external)
         return result
 
-    def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool) -> None:
+    def _int8(self, src: Path, out: Path, io: dict[str, Any], nodes: list[str], external: bool,
+              meta: dict[str, Any]) -> list[str]:
+        """Quantize to INT8 (dynamic or Q/DQ) with settings exact on this CPU's kernels, keeping the outlier layers
+        the fallback chooses in FP32; returns the nodes quantized."""
+        from ..int8_fallback import choose_fp32, input_stats, name_matmuls
+        from ..target import int8_kernels
+        from ..verify.accuracy import distribution_metrics, window_logprobs
+
+        kernels = int8_kernels() if self.spec.target == "cpu" else None
+        reduce_range = bool(kernels and kernels["u8s8_saturates"])
+        meta["int8_kernels"] = {
+            **(kernels or {"kernels": "tensorrt"}), "reduce_range": reduce_range,
+            "why": ("this CPU's u8 x s8 kernels add pairs of products in int16 and saturate: weights in 7 bits "
+                    "cannot overflow" if reduce_range else "products accumulate in int32 here: 8-bit weights are exact")}
+        dst = out / MODEL
+        reader = None
+        if self.spec.mode == "int8-qdq":
+            reader, meta["calibration"] = self._qdq_reader(src, io)
+
+        def quantize(selected: list[str]) -> Path:
+            if reader is None:
+                self._int8_dynamic(src, dst, selected, external, reduce_range)
+            else:
+                reader.rewind()
+                self._int8_qdq(src, dst, reader, selected, external, reduce_range)
+            return dst
+
+        fallback = self.spec.fp32_fallback
+        if fallback is None or not fallback.enabled or io.get("task", "causal-lm") != "causal-lm":
+            meta["fp32_fallback"] = {"enabled": False}
+            quantize(nodes)
+            return nodes
+        windows = calibration_windows(self.ctx.tokenizer(), fallback.text, fallback.samples, fallback.seq_len,
+                                      fallback.seed, self.ctx.recipe.path.parent,
+                                      where=f"{self.ctx.recipe.path}: stages.precision.fp32_fallback")
+        scratch = out / ".fallback"
+        stats = input_stats(src, io, nodes, windows.windows, scratch)
+        ranking = {n: s["crest"] for n, s in stats.items()}
+        settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=0)
+        reference = OrtLM(src, io, settings)
+        ref = window_logprobs(reference, windows.windows)
+        reference.close()
+
+        def measure(path: Path) -> float:
+            runner = OrtLM(path, io, settings)
+            try:
+                return distribution_metrics(ref, window_logprobs(runner, windows.windows))["kl_mean"]
+            finally:
+                runner.close()
+
+        try:
+            kept, trials, _ = choose_fp32(quantize, measure, nodes, ranking, fallback.max_kl_mean,
+                                          fallback.max_layers, self.ctx.say)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        names = name_matmuls(src, self.ctx.reference_model()[0], kept)
+        meta["fp32_fallback"] = {
+            "enabled": True, "max_kl_mean": fallback.max_kl_mean, "calibration": windows.identity(),
+            "ranked_by": "crest factor of the input (max |x| / RMS) on calibration windows",
+            "kept_fp32": [{"node": n, "layer": names.get(n), **stats[n]} for n in kept],
+            "trials": trials, "met": trials[-1]["calibration_kl_mean"] <= fallback.max_kl_mean}
+        return [n for n in nodes if n not in kept]
+
+    def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool, reduce_range: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=self.spec.per_channel,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                         reduce_range=reduce_range, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
 
-    def _int8_qdq(self, src: Path, dst: Path, io: dict[str, Any], nodes: list[str],
-                  external: bool) -> dict[str, Any]:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
+    def _qdq_reader(self, src: Path, io: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         cal = self.spec.calibration
         windows = calibration_windows(self.ctx.tokenizer(), cal.text, cal.samples, cal.seq_len, cal.seed,
                                       self.ctx.recipe.path.parent,
@@ -286,23 +390,42 @@ class PrecisionStage(OnnxStage):
         else:
             reader = KVCalibrationReader(src, io, windows.windows)
         signed = self.spec.target == "tensorrt"
+        return reader, {**windows.identity(), "seed": cal.seed, "method": cal.method, "feeds": len(reader.feeds),
+                        "activation_type": "int8 symmetric" if signed else "uint8"}
+
+    def _int8_qdq(self, src: Path, dst: Path, reader: Any, nodes: list[str], external: bool,
+                  reduce_range: bool) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        cal = self.spec.calibration
+        signed = self.spec.target == "tensorrt"
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[cal.method]
         self.ctx.say(f"calibrating on {len(reader.feeds)} feeds ({cal.method})")
         with ragged_histograms():
             quantize_static(
                 str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                nodes_to_quantize=nodes, per_channel=self.spec.per_channel,
+                nodes_to_quantize=nodes, per_channel=self.spec.per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=method, use_external_data_format=external,
                 extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True, "MatMulConstBOnly": True},
             )
-        return {**windows.identity(), "seed": cal.seed, "method": cal.method, "feeds": len(reader.feeds),
-                "activation_type": "int8 symmetric" if signed else "uint8"}
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         v = self.verify_graph(out / MODEL, meta["io"], onnx_input(parent))
         v.metrics["quantized_matmuls"] = len(meta["quantized_nodes"])
+        fallback = meta.get("fp32_fallback") or {}
+        if fallback.get("enabled"):
+            kept = fallback["kept_fp32"]
+            v.metrics["fp32_matmuls"] = len(kept)
+            v.notes.append(f"INT8 fallback: {len(kept)} weight MatMuls kept in FP32 (largest input outliers first: "
+                           + (", ".join(f"{k['layer'] or k['node']} max/RMS {k['crest']:.0f}" for k in kept)
+                              or "none needed")
+                           + f"); calibration KL {fallback['trials'][-1]['calibration_kl_mean']:.4g}, target "
+                             f"{fallback['max_kl_mean']:g}" + ("" if fallback["met"] else " (NOT reached)"))
+        kernels = meta.get("int8_kernels")
+        if kernels:
+            v.notes.append(f"INT8 kernels: {kernels['kernels']}; reduce_range {kernels['reduce_range']}: {kernels['why']}")
         v.metrics["nodes_after"] = meta["nodes"]
         return v
 

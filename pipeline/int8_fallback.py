@@ -1,0 +1,122 @@
+"""Which weight MatMuls an INT8 graph keeps in FP32, chosen by measurement.
+
+Real LLMs have a few layers whose inputs carry huge outliers: SmolLM2-135M's down_proj inputs reach
+3,087 in layer 11 and 2,372 in layer 28 against a median near 7 (measured on held-out text). One INT8
+scale per tensor cannot hold both those and the ordinary values, and the whole model's next-token
+distribution follows (KL 0.49 with every MatMul in INT8, 0.06 with the down projections kept in FP32).
+
+So the precision stage ranks the weight MatMuls by their input's crest factor (max |x| / RMS) on
+calibration windows, quantizes, measures the KL of the INT8 graph against the FP32 graph on those windows, and
+keeps the top-ranked MatMuls in FP32 in growing steps (1, 2, 4, ... up to `max_layers`) until the KL
+is within `max_kl_mean`. The measurement uses calibration text, never the held-out text the stage's
+gate is checked on. Every attempt is recorded in the stage's metadata and report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .onnx_files import EXTERNAL_DATA, MODEL, link_or_copy
+from .runtime.base import position_ids_from_mask
+
+
+def input_stats(src: Path, io: dict[str, Any], nodes: list[str], windows: np.ndarray, scratch: Path,
+                threads: int = 0) -> dict[str, dict[str, float]]:
+    """For the activation entering each of `nodes` (MatMul node names), over prefills of `windows`: its largest
+    magnitude, its RMS, and their ratio (the crest factor). One INT8 scale per tensor spends its 255 steps on
+    the largest value, so the crest factor says how coarse the grid is for the ordinary values."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src), load_external_data=False)
+    by_name = {n.name: n for n in model.graph.node}
+    tensors = sorted({by_name[n].input[0] for n in nodes})
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    scratch.mkdir(parents=True, exist_ok=True)
+    if (src.parent / EXTERNAL_DATA).is_file():  # the augmented graph reads the original's weights file
+        link_or_copy(src.parent / EXTERNAL_DATA, scratch / EXTERNAL_DATA)
+    onnx.save_model(model, str(scratch / MODEL))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(scratch / MODEL), sess_options=opts, providers=["CPUExecutionProvider"])
+    absmax = dict.fromkeys(tensors, 0.0)
+    squares = dict.fromkeys(tensors, 0.0)
+    count = dict.fromkeys(tensors, 0)
+    for row in windows:
+        ids = row[None, :].astype(np.int64)
+        mask = np.ones_like(ids)
+        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask,
+                                       "position_ids": position_ids_from_mask(mask)}
+        for name in io.get("past_inputs", []):
+            feed[name] = np.zeros((1, io["kv_heads"], 0, io["head_dim"]), dtype=np.float32)
+        feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
+        for name, value in zip(tensors, session.run(tensors, feed)):
+            absmax[name] = max(absmax[name], float(np.abs(value).max()))
+            squares[name] += float(np.square(value.astype(np.float64)).sum())
+            count[name] += value.size
+    del session
+    stats = {}
+    for n in nodes:
+        t = by_name[n].input[0]
+        rms = (squares[t] / max(count[t], 1)) ** 0.5
+        stats[n] = {"absmax": absmax[t], "rms": rms, "crest": absmax[t] / max(rms, 1e-12)}
+    return stats
+
+
+def choose_fp32(quantize: Callable[[list[str]], Path], measure: Callable[[Path], float], nodes: list[str],
+                ranking: dict[str, float], max_kl_mean: float, max_layers: int,
+                say: Callable[[str], None] = lambda msg: None) -> tuple[list[str], list[dict[str, Any]], Path]:
+    """Keep the top-ranked nodes in FP32 in steps of 0, 1, 2, 4, ... until `measure` (KL of the quantized
+    graph against FP32) is within `max_kl_mean`, or `max_layers` are kept. Returns the kept nodes, every
+    attempt, and the path of the graph chosen (the last one tried)."""
+    order = sorted(nodes, key=lambda n: ranking.get(n, 0.0), reverse=True)
+    steps = [0] + [k for k in (1, 2, 4, 8, 16, 32, 64) if k < max_layers] + [max_layers]
+    steps = sorted(set(s for s in steps if s <= min(max_layers, len(nodes))))
+    trials: list[dict[str, Any]] = []
+    path = Path()
+    kept: list[str] = []
+    for k in steps:
+        kept = order[:k]
+        path = quantize([n for n in nodes if n not in kept])
+        kl = measure(path)
+        trials.append({"kept_fp32": k, "calibration_kl_mean": kl,
+                       "largest_rank_quantized": ranking.get(order[k], 0.0) if k < len(order) else None})
+        say(f"INT8 with {k} weight MatMuls kept in FP32: KL {kl:.4g} on calibration windows")
+        if kl <= max_kl_mean:
+            break
+    return kept, trials, path
+
+
+def name_matmuls(src: Path, torch_model: Any, nodes: list[str]) -> dict[str, str]:
+    """The Hugging Face module name of each MatMul node in `nodes`, matched by the exact bytes of its weight."""
+    if not nodes:
+        return {}
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from .lowering import _weight_key
+
+    by_key = {}
+    with torch.no_grad():
+        for name, module in torch_model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                by_key[_weight_key(module.weight.detach().float().numpy().T)] = name
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(nodes)
+    out = {}
+    for node in model.graph.node:
+        if node.name in wanted and len(node.input) > 1 and node.input[1] in inits:
+            name = by_key.get(_weight_key(numpy_helper.to_array(inits[node.input[1]])))
+            if name is not None:
+                out[node.name] = name
+    return out

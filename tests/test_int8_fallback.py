@@ -1,0 +1,61 @@
+"""The INT8 fallback: the weight MatMuls whose inputs carry outliers stay in FP32, chosen by measurement."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import Pipeline
+from pipeline.int8_fallback import choose_fp32
+
+from .conftest import build_random_llama, write_recipe
+
+
+def test_choose_fp32_keeps_the_top_ranked_in_growing_steps_until_the_target():
+    nodes = [f"n{i}" for i in range(10)]
+    ranking = {n: float(i) for i, n in enumerate(nodes)}  # n9 has the worst outliers
+    tried: list[list[str]] = []
+
+    def quantize(selected):
+        tried.append(selected)
+        return len(tried)
+
+    def measure(attempt):
+        return {1: 1.0, 2: 0.5, 3: 0.2, 4: 0.05}[attempt]  # KL after keeping 0, 1, 2, 4 layers
+
+    kept, trials, last = choose_fp32(quantize, measure, nodes, ranking, max_kl_mean=0.1, max_layers=16)
+    assert kept == ["n9", "n8", "n7", "n6"] and last == 4
+    assert [t["kept_fp32"] for t in trials] == [0, 1, 2, 4]
+    assert all(n not in tried[-1] for n in kept) and len(tried[-1]) == 6
+    kept, trials, _ = choose_fp32(quantize, lambda a: 1.0, nodes, ranking, max_kl_mean=0.1, max_layers=3)
+    assert [t["kept_fp32"] for t in trials] == [0, 1, 2, 3] and len(kept) == 3  # the cap, target not reached
+
+
+@pytest.mark.slow
+def test_an_injected_outlier_channel_is_found_and_kept_in_fp32(tmp_path):
+    """Scaling one MLP channel up by 1000 in up_proj and down by 1000 in down_proj leaves the model's function
+    as it was but puts a 1000x outlier into layer 1's down_proj input: that MatMul must be the one kept."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_random_llama(tmp_path / "model", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[5] *= 1000.0
+        mlp.down_proj.weight[:, 5] /= 1000.0
+    model.save_pretrained(folder, safe_serialization=True)
+    recipe = write_recipe(tmp_path / "r.yaml", folder, stages="""
+  - type: export
+    opset: 23
+  - type: precision
+    mode: int8-dynamic
+    fp32_fallback: {max_kl_mean: 1.0e-9, max_layers: 1, samples: 2, seq_len: 32}
+    verify: {max_kl_mean: 1.0, min_top1_agreement: 0.0}
+""")
+    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    meta = result.stage("precision").meta["fp32_fallback"]
+    assert [k["layer"] for k in meta["kept_fp32"]] == ["model.layers.1.mlp.down_proj"]
+    assert meta["kept_fp32"][0]["crest"] > 20  # max |x| over RMS of that input
+    without, with_fallback = (t["calibration_kl_mean"] for t in meta["trials"])
+    assert with_fallback * 5 < without, meta["trials"]
+    assert result.stage("precision").verify["metrics"]["fp32_matmuls"] == 1
