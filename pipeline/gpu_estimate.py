@@ -65,7 +65,8 @@ def estimate(recipe: Recipe, model_info: dict[str, Any], gpu) -> GpuEstimate | N
     params = parameter_count(config, geometry)
     precision, quantize, engine = recipe.stage("precision"), recipe.stage("quantize"), recipe.stage("engine")
     mode = precision.mode if precision is not None else None
-    group = quantize.group_size if quantize is not None and quantize.group_size > 0 else 128
+    group = (quantize.group_size if quantize is not None and isinstance(quantize.group_size, int)
+             and quantize.group_size > 0 else 128)  # auto: 128 where the widths allow it
     est = GpuEstimate(
         parameters=params.total,
         weights={p: weight_bytes(params, p) for p in ("fp32", "fp16", "int8", "int4")},

@@ -114,24 +114,24 @@ def build(job):
     from ..errors import StageError
     from .formats import read_checkpoint_layers
     from .methods import QuantOutcome
-    from .rtn import excluded, group_for
+    from .rtn import resolve_group
 
     cfg = job.cfg
     info: dict[str, Any] = {}
     model, tokenizer = job.load()
     windows = job.windows(tokenizer, info)
     linears: dict[str, Any] = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for name, module in linears.items():
-        if not excluded(name, cfg.exclude):
-            group_for(name, module.in_features, cfg.group_size)  # a clear error before the library runs
+    # a clear error before the library runs, and auto resolved to one group for every layer
+    group = resolve_group({n: m.in_features for n, m in linears.items()}, cfg.group_size, cfg.exclude, info)
+    info["group_size"] = group
     checkpoint = job.out / "checkpoint"
-    got = quantize_with_gptqmodel(job.source, checkpoint, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
+    got = quantize_with_gptqmodel(job.source, checkpoint, cfg.method, cfg.bits, group, cfg.symmetric,
                                   windows, cfg.exclude, cfg.damp_percent, list(linears))
     config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {})
     info.update({"library": got["library"], "checkpoint_format": config.get("checkpoint_format", config.get("format")),
                  "damp_percent": config.get("damp_percent")})
     try:
-        read = read_checkpoint_layers(checkpoint, config.get("quant_method", cfg.method), cfg.bits, cfg.group_size)
+        read = read_checkpoint_layers(checkpoint, config.get("quant_method", cfg.method), cfg.bits, group)
     except (KeyError, ValueError) as exc:
         raise StageError(f"reading the {cfg.method} checkpoint's integers: {exc}") from None
     tensors, layers = {}, []

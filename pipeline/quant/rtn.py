@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import StageError
 
 COMMON_GROUPS = (256, 128, 64, 32, 16)
+AUTO_GROUPS = (128, 64, 32, 16)  # what group_size auto tries, largest first (MatMulNBits takes powers of 2 >= 16)
 
 
 def rtn(weight, bits: int, group: int, symmetric: bool):
@@ -42,6 +43,34 @@ def group_for(name: str, in_features: int, group_size: int) -> int:
     return group_size
 
 
+def resolve_group(widths: dict[str, int], group_size: int | str, exclude: tuple[str, ...],
+                  info: dict | None = None) -> int:
+    """The one group size every quantized layer (name -> input channels) is quantized with. `auto` is the
+    largest of AUTO_GROUPS dividing every layer; a number is checked against each layer as given."""
+    chosen = {n: w for n, w in widths.items() if not excluded(n, exclude)}
+    if group_size != "auto":
+        for name, width in chosen.items():
+            group_for(name, width, int(group_size))
+        return int(group_size)
+    for group in AUTO_GROUPS:
+        if all(w % group == 0 for w in chosen.values()):
+            if info is not None:
+                odd = sorted({w for w in chosen.values() if w % AUTO_GROUPS[0]})
+                info["group_size_auto"] = (f"{group}: the largest of {', '.join(map(str, AUTO_GROUPS))} dividing every "
+                                           "quantized layer" + (f" (widths {odd} are not multiples of "
+                                                                f"{AUTO_GROUPS[0]})" if odd else ""))
+            return group
+    widths_seen = sorted(set(chosen.values()))
+    raise StageError(f"group_size auto: no group of {', '.join(map(str, AUTO_GROUPS))} divides every quantized layer "
+                     f"(input widths {widths_seen}); set group_size -1 (per channel) or exclude the odd layers")
+
+
+def linear_widths(model) -> dict[str, int]:
+    import torch
+
+    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def excluded(name: str, exclude: tuple[str, ...]) -> bool:
     return any(name == e or name.endswith("." + e) for e in exclude)
 
@@ -76,6 +105,9 @@ def build(job):
 
     cfg = job.cfg
     model, tokenizer = job.load()
+    info: dict = {}
+    group = resolve_group(linear_widths(model), cfg.group_size, cfg.exclude, info)
+    info["group_size"] = group
     t0 = time.perf_counter()
-    tensors, layers, skipped = quantize_rtn(model, cfg.bits, cfg.group_size, cfg.symmetric, cfg.exclude)
-    return QuantOutcome(time.perf_counter() - t0, layers, skipped, model, tokenizer, tensors)
+    tensors, layers, skipped = quantize_rtn(model, cfg.bits, group, cfg.symmetric, cfg.exclude)
+    return QuantOutcome(time.perf_counter() - t0, layers, skipped, model, tokenizer, tensors, info)

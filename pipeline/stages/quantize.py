@@ -77,9 +77,10 @@ class QuantizeConfig(Strict):
                     "(GPT-QModel); smoothquant: W8A8 INT8 with smoothing; bitsandbytes: NF4/FP4/LLM.int8() "
                     "for the PyTorch runtime only.")
     bits: Literal[4, 8] | None = Field(default=None, description="Weight bits; default 4 (smoothquant: 8).")
-    group_size: int | None = Field(
-        default=None, description="Input channels per scale; -1: one scale per output channel. "
-                                  "Default 128 for 4 bits, -1 for 8 bits.")
+    group_size: int | Literal["auto"] | None = Field(
+        default=None, description="Input channels per scale; -1: one scale per output channel; auto: 128, or the "
+                                  "largest of 64, 32, 16 that divides every quantized layer (reported). "
+                                  "Default auto for 4 bits, -1 for 8 bits. A number given is used as given.")
     symmetric: bool | None = Field(default=None, description="Default: asymmetric for 4 bits, symmetric for 8 bits.")
     exclude: tuple[str, ...] = Field(default=("lm_head",), description="Linear layers (name suffixes) kept in FP32.")
     calibration: QuantizeCalibration | None = Field(default=None, description="gptq, awq, smoothquant.")
@@ -108,7 +109,7 @@ class QuantizeConfig(Strict):
                 data.setdefault("double_quant", True)
         data.setdefault("bits", 8 if method == "smoothquant" else 4)
         bits = data["bits"]
-        data.setdefault("group_size", 128 if bits == 4 and method != "bitsandbytes" else -1)
+        data.setdefault("group_size", "auto" if bits == 4 and method != "bitsandbytes" else -1)
         data.setdefault("symmetric", bits == 8)
         if method == "smoothquant":
             data.setdefault("alpha", 0.5)  # an explicit null stays: plain W8A8 with the same calibration
@@ -122,7 +123,7 @@ class QuantizeConfig(Strict):
         if self.bits not in method.bits:
             raise ValueError(f"method {method.name} quantizes to {' or '.join(map(str, method.bits))} bits, "
                              f"not {self.bits}")
-        if self.group_size is not None and self.group_size != -1 and self.group_size < 2:
+        if isinstance(self.group_size, int) and self.group_size != -1 and self.group_size < 2:
             raise ValueError(f"group_size must be -1 (per output channel) or at least 2, got {self.group_size}")
         if self.calibration is not None and not method.calibrates:
             raise ValueError(f"method {method.name} does not calibrate; remove the calibration section")
@@ -140,6 +141,8 @@ class QuantizeConfig(Strict):
         if method.name == "bitsandbytes" and (self.bits == 8) != (self.bnb_type == "int8"):
             raise ValueError(f"bnb_type {self.bnb_type} is {4 if self.bits == 8 else 8}-bit; bits says "
                              f"{self.bits}: leave bits out")
+        if self.group_size == "auto" and self.bits != 4:
+            raise ValueError("group_size auto is for 4-bit weights; 8-bit weights are per output channel (-1)")
         if method.name == "gptq" and self.bits == 8 and self.group_size != -1:
             raise ValueError("gptq 8-bit is per output channel here: group_size -1")
         return self
@@ -249,7 +252,7 @@ class QuantizeStage(Stage):
             return f"bitsandbytes {s.bnb_type}"
         if s.method == "smoothquant":
             return "W8A8 without smoothing" if s.alpha is None else f"SmoothQuant W8A8 alpha {s.alpha}"
-        group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
+        group = "per channel" if s.group_size == -1 else f"group {s.group_size}"  # auto: resolved per model
         return f"{s.method.upper()} W{s.bits} {group} {'symmetric' if s.symmetric else 'asymmetric'}"
 
     # -- verify --------------------------------------------------------------------------------
