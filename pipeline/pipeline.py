@@ -170,9 +170,11 @@ class Pipeline:
         results: list[StageResult] = []
         error: EnginewrightError | None = None
         parent: Entry | None = None
+        current = stages[0].name
         try:
             memory_check = (lambda stage: self._check_memory(stages[0], stage)) if check_memory else None
             for stage in stages:
+                current = stage.name
                 result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check)
                 results.append(result)
                 if parent is not None:
@@ -181,6 +183,10 @@ class Pipeline:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
         except EnginewrightError as exc:
             error = exc
+        except Exception as exc:  # outside a build (keys, the cache, a preflight): still a stage failure
+            error = StageError(f"stage '{current}' failed: {type(exc).__name__}: {exc} (the traceback is in "
+                               "report.json)")
+            error.traceback = traceback.format_exc()  # type: ignore[attr-defined]
         report = self._report(results, started, error)
         report["imports"] = ctx.imports()
         run_dir = self.cache.root / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{self.recipe.recipe.name}"

@@ -84,3 +84,18 @@ def test_attention_fusion_below_opset_23_is_reported_as_not_checked(tmp_path, ra
     assert v["passed"] and v["metrics"]["attention_layers_fused"] == 0
     assert [n["what"] for n in v["not_checked"]] == ["attention fusion"]
     assert "opset 18" in v["not_checked"][0]["why"]
+
+
+@pytest.mark.slow
+def test_an_exception_outside_a_build_is_a_stage_failure_too(tmp_path, random_llama, monkeypatch):
+    from pipeline.stages.export import ExportStage
+
+    def broken_preflight(self):
+        raise PermissionError("cannot read something the stage needs")
+
+    monkeypatch.setattr(ExportStage, "preflight", broken_preflight)
+    recipe = write_recipe(tmp_path / "r.yaml", random_llama)
+    with pytest.raises(StageError, match="stage 'export' failed: PermissionError") as err:
+        Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    report = json.loads((err.value.run_dir / "report.json").read_text())
+    assert report["status"] == "failed" and "PermissionError" in report["traceback"]
