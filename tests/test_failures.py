@@ -29,23 +29,31 @@ def test_stdout_to_stderr_moves_file_descriptor_writes_too(capfd):
     assert capfd.readouterr().out == "restored\n"
 
 
+def failed_export(tmp_path, model, monkeypatch, method: str, error: Exception) -> dict:
+    """Run a recipe whose export stage's `method` raises `error`; return the report the failed run wrote."""
+    from pipeline.stages.export import ExportStage
+
+    def raising(self, *args):
+        raise error
+
+    monkeypatch.setattr(ExportStage, method, raising)
+    recipe = write_recipe(tmp_path / "r.yaml", model)
+    with pytest.raises(StageError, match=f"stage 'export' failed: {type(error).__name__}: {error}") as err:
+        Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    report = json.loads((err.value.run_dir / "report.json").read_text())
+    assert report["status"] == "failed" and type(error).__name__ in report["traceback"]
+    return report
+
+
 @pytest.mark.slow
 def test_any_exception_in_a_stage_ends_as_a_stage_failure_with_a_report(tmp_path, random_llama, monkeypatch):
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.stages.export import ExportStage
 
-    def library_error(self, parent, out):
-        raise TypeError("unsupported operand type(s) inside a library")
-
-    monkeypatch.setattr(ExportStage, "build", library_error)
-    recipe = write_recipe(tmp_path / "r.yaml", random_llama)
-    with pytest.raises(StageError, match="stage 'export' failed: TypeError: unsupported operand") as err:
-        Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
-    report = json.loads((err.value.run_dir / "report.json").read_text())
-    assert report["status"] == "failed" and "TypeError" in report["traceback"]
+    report = failed_export(tmp_path, random_llama, monkeypatch, "build", TypeError("unsupported operand inside"))
     assert [s["name"] for s in report["stages"]] == ["load"]  # nothing was cached for export
+    recipe = tmp_path / "r.yaml"
 
     result = CliRunner().invoke(main, ["run", str(recipe), "--json", "--cache-dir", str(tmp_path / "cache")])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
@@ -88,14 +96,4 @@ def test_attention_fusion_below_opset_23_is_reported_as_not_checked(tmp_path, ra
 
 @pytest.mark.slow
 def test_an_exception_outside_a_build_is_a_stage_failure_too(tmp_path, random_llama, monkeypatch):
-    from pipeline.stages.export import ExportStage
-
-    def broken_preflight(self):
-        raise PermissionError("cannot read something the stage needs")
-
-    monkeypatch.setattr(ExportStage, "preflight", broken_preflight)
-    recipe = write_recipe(tmp_path / "r.yaml", random_llama)
-    with pytest.raises(StageError, match="stage 'export' failed: PermissionError") as err:
-        Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
-    report = json.loads((err.value.run_dir / "report.json").read_text())
-    assert report["status"] == "failed" and "PermissionError" in report["traceback"]
+    failed_export(tmp_path, random_llama, monkeypatch, "preflight", PermissionError("cannot read what it needs"))
