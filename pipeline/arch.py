@@ -14,6 +14,11 @@ from typing import Any
 
 from .errors import ModelError
 
+# the files of a Hugging Face model folder that define the model besides its weights
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt")
+
 
 @dataclass(frozen=True)
 class KVGeometry:

@@ -87,3 +87,11 @@ def test_a_broken_w4_layout_fails_the_default_gates(cache, monkeypatch, tmp_path
                       "verify: {eval_windows: 8, eval_window_tokens: 128}\n")
     with pytest.raises(VerificationError, match=r"stage 'quantize' failed verification: kl_mean"):
         Pipeline.from_recipe(recipe, cache_dir=cache).run(force="quantize")  # the correct RTN entry is cached
+
+
+def test_onnxruntime_genai_runs_the_real_models_engine(cache):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    result = run("smollm2-genai.yaml", cache)
+    m = result.stage("package").verify["metrics"]
+    # every token genai generated equals PyTorch's (it may stop earlier, at the end-of-sequence token)
+    assert m["genai_greedy_tokens_matched"] == m["genai_greedy_tokens"] > 0

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..arch import arch_for, sentence_pooling
+from ..arch import CONFIG_FILES, TOKENIZER_FILES, arch_for, sentence_pooling
 from ..artifacts import artifact_record
 from ..cache import Entry
 from ..errors import ModelError
@@ -20,9 +20,6 @@ from ..hashing import chain_key
 from ..verify.result import Verification
 from .base import Stage
 
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "vocab.txt")
 SAFETENSORS_MAGIC_MAX_HEADER = 100 * 1024 * 1024
 
 

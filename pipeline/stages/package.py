@@ -1,10 +1,13 @@
-"""package: a Triton model repository for the engine, and a manifest of what is in it.
+"""package: a Triton model repository or an onnxruntime-genai folder for the engine, and a manifest of what
+is in it.
 
 Layout inside the entry::
 
     triton/<model>/config.pbtxt
     triton/<model>/1/model.plan            (TensorRT) or model.onnx [+ model.onnx.data] (ONNX Runtime)
     triton/<model>/manifest.json           every file's sha256, the recipe, the target, the verification
+    genai/                                 format genai: genai_config.json, model.onnx [+ .data], tokenizer,
+                                           manifest.json (pipeline/genai.py)
 
 Inputs and outputs (names, types, dims) come from the ONNX graph the engine was built from;
 -1 marks a dynamic dimension. Model files are hard-linked from the engine's entry where the
@@ -22,13 +25,14 @@ from pydantic import Field, model_validator
 from ..artifacts import Artifact, artifact_record
 from ..cache import MANIFEST, Entry
 from ..config import Strict
-from ..errors import StageError
+from ..errors import RecipeError, StageError
 from ..hashing import file_table, sha256_file
 from ..onnx_files import link_or_copy
 from ..verify.result import Verification
 from .base import Stage
 
 REPOSITORY = "triton"
+GENAI_FOLDER = "genai"
 PACKAGE_MANIFEST = "manifest.json"
 
 
@@ -38,10 +42,11 @@ class DynamicBatching(Strict):
 
 
 class PackageConfig(Strict):
-    """A Triton model repository for the engine, with a manifest of every file."""
+    """A Triton model repository (format triton) or an onnxruntime-genai model folder (format genai) for the
+    engine, with a manifest of every file."""
 
     type: Literal["package"]
-    format: Literal["triton"] = "triton"
+    format: Literal["triton", "genai"] = "triton"
     model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                    description="Folder name in the repository; the recipe name by default.")
     max_batch_size: int = Field(
@@ -52,6 +57,9 @@ class PackageConfig(Strict):
 
     @model_validator(mode="after")
     def _batching(self) -> PackageConfig:
+        if self.format == "genai" and (self.max_batch_size or self.dynamic_batching or self.instance_count != 1):
+            raise ValueError("max_batch_size, dynamic_batching and instance_count are Triton settings; format genai "
+                             "takes none of them (onnxruntime-genai batches in its own loop)")
         if self.dynamic_batching is not None:
             if self.max_batch_size == 0:
                 raise ValueError("dynamic_batching needs max_batch_size > 0 (Triton batches only models that "
@@ -112,32 +120,108 @@ class PackageStage(Stage):
             entry = self.ctx.cache.lookup(parent) if parent else None
         return chain[::-1]
 
+    def _manifest(self, folder: Path, engine: Entry, **fields: Any) -> dict[str, Any]:
+        recipe_path = self.ctx.recipe.path
+        manifest = {
+            "schema_version": 1, **fields,
+            "files": file_table(folder),
+            "recipe": {"name": self.ctx.recipe.recipe.name, "file": recipe_path.name,
+                       "sha256": sha256_file(recipe_path), "text": recipe_path.read_text(encoding="utf-8"),
+                       "resolved": self.ctx.recipe.recipe.model_dump(mode="json")},
+            "target": engine.meta.get("stage_meta", {}).get("target"),
+            "stages": [{"stage": e.meta.get("stage"), "key": e.key, "verify": e.meta.get("verify")}
+                       for e in self._upstream(engine)],
+        }
+        (folder / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        return manifest
+
+    def _build_genai(self, engine: Entry, out: Path) -> dict[str, Any]:
+        from ..arch import TOKENIZER_FILES
+        from ..genai import CONFIG, check_model_type, genai_config
+
+        serving = self._serving(engine)
+        where = f"{self.ctx.recipe.path}: stages.package"
+        if serving["triton_backend"] != "onnxruntime" or "graph" not in serving:
+            raise RecipeError(f"{where}: format genai packages an ONNX Runtime engine; this engine is "
+                              f"{serving['triton_backend']}")
+        io = Artifact(engine).meta["io"]
+        if io.get("task", "causal-lm") != "causal-lm":
+            raise RecipeError(f"{where}: format genai packages a causal LM; this model is {io.get('task')}")
+        hf = json.loads((self.ctx.model_path / "config.json").read_text())
+        check_model_type(hf["model_type"], where)
+        folder = out / GENAI_FOLDER
+        for name in serving["files"]:
+            link_or_copy(engine.file(name), folder / name)
+        for name in TOKENIZER_FILES + ("chat_template.jinja",):
+            if (self.ctx.model_path / name).is_file():
+                link_or_copy(self.ctx.model_path / name, folder / name)
+        threads = int(serving.get("parameters", {}).get("intra_op_thread_count", "1"))
+        (folder / CONFIG).write_text(json.dumps(genai_config(hf, io, threads), indent=2) + "\n")
+        manifest = self._manifest(folder, engine, format="genai", model_type=hf["model_type"])
+        return {"artifact": artifact_record("package"), "format": "genai", "folder": GENAI_FOLDER,
+                "files": sorted(manifest["files"])}
+
+    def _verify_genai(self, engine: Entry, out: Path) -> Verification:
+        import importlib.util
+
+        import onnx
+
+        from ..genai import CONFIG, check_config, generate
+        from ..verify.accuracy import matched_prefix
+
+        folder = out / GENAI_FOLDER
+        config = json.loads((folder / CONFIG).read_text())
+        graph = onnx.load(str(folder / config["model"]["decoder"]["filename"]), load_external_data=False).graph
+        failures = [f"genai_config.json: {p}" for p in check_config(config, graph)]
+        manifest = self._check_manifest(folder, engine, failures, prefix="")
+        v = Verification(passed=not failures, metrics={"files": len(manifest["files"])}, failures=failures)
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            v.skip("generation with onnxruntime-genai", "onnxruntime-genai is not installed (pip install "
+                   "onnxruntime-genai)")
+        elif not failures:
+            ref = self.ctx.reference()
+            self.ctx.say("generating with onnxruntime-genai")
+            tokens = generate(folder, [int(t) for t in ref.greedy_prompt[0]], len(ref.greedy_tokens))
+            matched = matched_prefix(tokens, ref.greedy_tokens)
+            eos = config["model"]["eos_token_id"]
+            stopped = bool(tokens) and tokens[-1] in (eos if isinstance(eos, list) else [eos])
+            v.metrics.update({"genai_greedy_tokens_matched": matched, "genai_greedy_tokens": len(tokens),
+                              "greedy_tokens_total": len(ref.greedy_tokens)})
+            if matched < len(tokens) or (len(tokens) < len(ref.greedy_tokens) and not stopped):
+                v.failures.append(f"onnxruntime-genai's greedy tokens match PyTorch's for {matched} of "
+                                  f"{len(ref.greedy_tokens)}")
+        v.passed = not v.failures
+        return v
+
+    def _check_manifest(self, folder: Path, engine: Entry, failures: list[str], prefix: str) -> dict[str, Any]:
+        """The folder's files are the manifest's, and the model files (the engine's serving files, under `prefix`)
+        are byte-identical to the verified engine's."""
+        manifest = json.loads((folder / PACKAGE_MANIFEST).read_text())
+        actual = file_table(folder)
+        actual.pop(PACKAGE_MANIFEST, None)
+        if actual != manifest["files"]:
+            failures.append("files in the package differ from its manifest")
+        engine_files = json.loads(engine.file(MANIFEST).read_text())["files"]
+        for name in self._serving(engine)["files"]:
+            got = manifest["files"].get(prefix + name, {}).get("sha256")
+            if got is None or got != engine_files.get(name, {}).get("sha256"):
+                failures.append(f"{prefix + name} is not byte-identical to the verified engine's {name}")
+        return manifest
+
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
         from ..triton import render_config
 
         if parent is None:
             raise StageError("package needs an engine from the stage before it")
+        if self.spec.format == "genai":
+            return self._build_genai(parent, out)
         model = self.triton_model(parent)
         folder = out / REPOSITORY / model.name
         version = folder / "1"
         for name in self._serving(parent)["files"]:
             link_or_copy(parent.file(name), version / name)
         (folder / "config.pbtxt").write_text(render_config(model))
-        chain = self._upstream(parent)
-        recipe_path = self.ctx.recipe.path
-        manifest = {
-            "schema_version": 1,
-            "format": "triton",
-            "model": model.name,
-            "backend": model.backend,
-            "files": file_table(folder),
-            "recipe": {"name": self.ctx.recipe.recipe.name, "file": recipe_path.name,
-                       "sha256": sha256_file(recipe_path), "text": recipe_path.read_text(encoding="utf-8"),
-                       "resolved": self.ctx.recipe.recipe.model_dump(mode="json")},
-            "target": parent.meta.get("stage_meta", {}).get("target"),
-            "stages": [{"stage": e.meta.get("stage"), "key": e.key, "verify": e.meta.get("verify")} for e in chain],
-        }
-        (folder / PACKAGE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        manifest = self._manifest(folder, parent, format="triton", model=model.name, backend=model.backend)
         return {"artifact": artifact_record("package"), "model": model.name, "backend": model.backend,
                 "repository": REPOSITORY,
                 "files": sorted(manifest["files"]), "max_batch_size": model.max_batch_size}
@@ -145,19 +229,13 @@ class PackageStage(Stage):
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         if parent is None:
             raise StageError("package needs an engine from the stage before it")
+        if meta.get("format") == "genai":
+            return self._verify_genai(parent, out)
         folder = out / REPOSITORY / meta["model"]
-        manifest = json.loads((folder / PACKAGE_MANIFEST).read_text())
         failures: list[str] = []
         notes: list[str] = []
+        manifest = self._check_manifest(folder, parent, failures, prefix="1/")
         metrics: dict[str, Any] = {"files": len(manifest["files"])}
-        actual = file_table(folder)
-        actual.pop(PACKAGE_MANIFEST, None)
-        if actual != manifest["files"]:
-            failures.append("files in the repository differ from the package manifest")
-        engine_files = json.loads(parent.file(MANIFEST).read_text())["files"]
-        for rel, info in manifest["files"].items():
-            if rel.startswith("1/") and engine_files.get(rel[2:], {}).get("sha256") != info["sha256"]:
-                failures.append(f"{rel} is not byte-identical to the verified engine's {rel[2:]}")
         try:
             from ..triton import parse_config
 
@@ -183,4 +261,5 @@ class PackageStage(Stage):
         return v
 
     def describe(self, entry: Entry) -> str:
-        return str(entry.path / REPOSITORY)
+        meta = entry.meta.get("stage_meta", {})
+        return str(entry.path / (meta.get("folder") or meta.get("repository") or REPOSITORY))
