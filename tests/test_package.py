@@ -145,6 +145,11 @@ def test_manifest_lists_every_file_the_recipe_target_and_verification(runs):
     assert all(s["verify"]["passed"] for s in stages.values())
     assert stages["engine"]["verify"]["metrics"]["greedy_tokens_matched"] == 8
     assert stages["engine"]["key"] == result.stage("engine").key
+    from pipeline.recipe import Recipe, load_recipe  # the resolved recipe reads back to the same thresholds
+
+    resolved, loaded = Recipe.model_validate(manifest["recipe"]["resolved"]), load_recipe(runs["root"] / "ort.yaml")
+    assert all(resolved.policy_for(s) == loaded.recipe.policy_for(s) for s in ("export", "simplify", "engine"))
+    assert stages["engine"]["verify"]["thresholds"] == loaded.recipe.policy_for("engine").to_dict()
 
 
 def test_second_run_is_all_hits(runs):
