@@ -106,10 +106,6 @@ class CheckpointArtifact(Artifact):
     def qparams(self) -> Path:
         return self.entry.file(self.record.get("qparams", "qparams.safetensors"))
 
-    @property
-    def quantization(self) -> dict[str, Any]:
-        return self.meta["quantization"]
-
 
 def onnx_input(entry: Entry | None) -> OnnxArtifact:
     if entry is None:

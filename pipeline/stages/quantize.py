@@ -157,9 +157,6 @@ class QuantizeConfig(Strict):
         return quantize_policy("W8A8" if w8a8 else f"{self.bits}-bit weights", "w8a8" if w8a8 else int(self.bits or 4),
                                self.verify)
 
-    def threshold_overrides(self) -> None:
-        return None  # the quantize stage's gates are its own; they never reach the ONNX stages
-
     @property
     def exportable(self) -> bool:
         return self.quant_method.exportable
