@@ -5,8 +5,9 @@ Real LLMs have a few layers whose inputs carry huge outliers: SmolLM2-135M's dow
 scale per tensor cannot hold both those and the ordinary values, and the whole model's next-token
 distribution follows (KL 0.49 with every MatMul in INT8, 0.06 with the down projections kept in FP32).
 
-So the precision stage ranks the weight MatMuls by their input's crest factor (max |x| / RMS) on
-calibration windows, quantizes, measures the KL of the INT8 graph against the FP32 graph on those windows, and
+So the precision stage ranks the weight MatMuls by the relative error INT8 puts on each one's output,
+measured on calibration windows with the scheme the graph uses (for per-tensor activations it follows the
+input's crest factor, max |x| / RMS; per token, the weights' and the within-token outliers), quantizes, measures the KL of the INT8 graph against the FP32 graph on those windows, and
 keeps the top-ranked MatMuls in FP32 in growing steps (1, 2, 4, ... up to `max_layers`) until the KL
 is within `max_kl_mean`. The measurement uses calibration text, never the held-out text the stage's
 gate is checked on. Every attempt is recorded in the stage's metadata and report.
@@ -20,54 +21,56 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_files import EXTERNAL_DATA, MODEL, link_or_copy
-from .runtime.base import position_ids_from_mask
+from .activation_capture import capture_inputs
+
+
+def fake_int8(x: np.ndarray, per_token: bool) -> np.ndarray:
+    """Symmetric INT8 round trip of activations [rows, K]: one scale per row, or one for all."""
+    amax = np.abs(x).max(axis=-1, keepdims=True) if per_token else np.abs(x).max(keepdims=True)
+    scale = np.maximum(amax, 1e-8) / 127.0
+    return np.round(x / scale) * scale
 
 
 def input_stats(src: Path, io: dict[str, Any], nodes: list[str], windows: np.ndarray, scratch: Path,
-                threads: int = 0) -> dict[str, dict[str, float]]:
-    """For the activation entering each of `nodes` (MatMul node names), over prefills of `windows`: its largest
-    magnitude, its RMS, and their ratio (the crest factor). One INT8 scale per tensor spends its 255 steps on
-    the largest value, so the crest factor says how coarse the grid is for the ordinary values."""
+                per_token: bool, weight_qmax: int = 127, threads: int = 0) -> dict[str, dict[str, float]]:
+    """For each of `nodes` (weight MatMul names), over prefills of `windows`:
+
+    - `output_error`: the relative squared error INT8 puts on the MatMul's output, ||Y_int8 - Y||^2 / ||Y||^2,
+      with the scheme the graph will use (weights per output channel; activations per token or per tensor).
+      This is what the fallback ranks by: it sees both the activation's outliers and the weight's.
+    - `absmax`, `rms`, `crest` (max |x| / RMS) of its input: one INT8 scale per tensor spends its 255 steps
+      on the largest value, so the crest factor says how coarse the grid is for the ordinary values."""
     import onnx
-    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from .int8_per_token import weight_int8
 
     model = onnx.load(str(src), load_external_data=False)
     by_name = {n.name: n for n in model.graph.node}
+    inits = {i.name: i for i in model.graph.initializer}
     tensors = sorted({by_name[n].input[0] for n in nodes})
-    existing = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    scratch.mkdir(parents=True, exist_ok=True)
-    if (src.parent / EXTERNAL_DATA).is_file():  # the augmented graph reads the original's weights file
-        link_or_copy(src.parent / EXTERNAL_DATA, scratch / EXTERNAL_DATA)
-    onnx.save_model(model, str(scratch / MODEL))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(scratch / MODEL), sess_options=opts, providers=["CPUExecutionProvider"])
     absmax = dict.fromkeys(tensors, 0.0)
     squares = dict.fromkeys(tensors, 0.0)
     count = dict.fromkeys(tensors, 0)
-    for row in windows:
-        ids = row[None, :].astype(np.int64)
-        mask = np.ones_like(ids)
-        feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask,
-                                       "position_ids": position_ids_from_mask(mask)}
-        for name in io.get("past_inputs", []):
-            feed[name] = np.zeros((1, io["kv_heads"], 0, io["head_dim"]), dtype=np.float32)
-        feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
-        for name, value in zip(tensors, session.run(tensors, feed)):
+    rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for values in capture_inputs(src, io, tensors, windows, scratch, threads):
+        for name, value in values.items():
             absmax[name] = max(absmax[name], float(np.abs(value).max()))
             squares[name] += float(np.square(value.astype(np.float64)).sum())
             count[name] += value.size
-    del session
+            rows[name].append(value.astype(np.float32))
+    inputs = {t: np.concatenate(r) for t, r in rows.items()}
+    quantized = {t: fake_int8(x, per_token) for t, x in inputs.items()}
     stats = {}
     for n in nodes:
         t = by_name[n].input[0]
+        w = numpy_helper.to_array(inits[by_name[n].input[1]], base_dir=str(src.parent)).astype(np.float32)
+        q, scale = weight_int8(w, weight_qmax)
+        y = inputs[t] @ w
+        y_int8 = quantized[t] @ (q.astype(np.float32) * scale)
+        error = float(np.square(y_int8 - y).sum() / max(float(np.square(y).sum()), 1e-30))
         rms = (squares[t] / max(count[t], 1)) ** 0.5
-        stats[n] = {"absmax": absmax[t], "rms": rms, "crest": absmax[t] / max(rms, 1e-12)}
+        stats[n] = {"output_error": error, "absmax": absmax[t], "rms": rms, "crest": absmax[t] / max(rms, 1e-12)}
     return stats
 
 

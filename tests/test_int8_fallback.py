@@ -30,10 +30,9 @@ def test_choose_fp32_keeps_the_top_ranked_in_growing_steps_until_the_target():
     assert [t["kept_fp32"] for t in trials] == [0, 1, 2, 3] and len(kept) == 3  # the cap, target not reached
 
 
-@pytest.mark.slow
-def test_an_injected_outlier_channel_is_found_and_kept_in_fp32(tmp_path):
+def outlier_model(tmp_path):
     """Scaling one MLP channel up by 1000 in up_proj and down by 1000 in down_proj leaves the model's function
-    as it was but puts a 1000x outlier into layer 1's down_proj input: that MatMul must be the one kept."""
+    as it was but puts a 1000x outlier channel into layer 1's down_proj input."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -44,18 +43,51 @@ def test_an_injected_outlier_channel_is_found_and_kept_in_fp32(tmp_path):
         mlp.up_proj.weight[5] *= 1000.0
         mlp.down_proj.weight[:, 5] /= 1000.0
     model.save_pretrained(folder, safe_serialization=True)
-    recipe = write_recipe(tmp_path / "r.yaml", folder, stages="""
+    return folder
+
+
+def int8_recipe(tmp_path, folder, extra: str):
+    return write_recipe(tmp_path / "r.yaml", folder, stages=f"""
   - type: export
     opset: 23
   - type: precision
     mode: int8-dynamic
-    fp32_fallback: {max_kl_mean: 1.0e-9, max_layers: 1, samples: 2, seq_len: 32}
-    verify: {max_kl_mean: 1.0, min_top1_agreement: 0.0}
+{extra}
+    verify: {{max_kl_mean: 1.0, min_top1_agreement: 0.0}}
 """)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activations", ["per-tensor", "per-token"])
+def test_an_injected_outlier_channel_is_found_and_kept_in_fp32(tmp_path, activations):
+    """Without smoothing, the MatMul whose input carries the outlier is the one INT8 hurts most, and the
+    one the fallback keeps; keeping it cuts the KL."""
+    folder = outlier_model(tmp_path)
+    recipe = int8_recipe(tmp_path, folder, f"""    activations: {activations}
+    smoothing: {{enabled: false}}
+    fp32_fallback: {{max_kl_mean: 1.0e-9, max_layers: 1, samples: 2, seq_len: 32}}""")
     result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
-    meta = result.stage("precision").meta["fp32_fallback"]
-    assert [k["layer"] for k in meta["kept_fp32"]] == ["model.layers.1.mlp.down_proj"]
-    assert meta["kept_fp32"][0]["crest"] > 20  # max |x| over RMS of that input
-    without, with_fallback = (t["calibration_kl_mean"] for t in meta["trials"])
-    assert with_fallback * 5 < without, meta["trials"]
+    meta = result.stage("precision").meta
+    fallback = meta["fp32_fallback"]
+    assert [k["layer"] for k in fallback["kept_fp32"]] == ["model.layers.1.mlp.down_proj"]
+    assert fallback["kept_fp32"][0]["crest"] > 20  # max |x| over RMS of that input
+    without, with_fallback = (t["calibration_kl_mean"] for t in fallback["trials"])
+    assert with_fallback * 5 < without, fallback["trials"]
     assert result.stage("precision").verify["metrics"]["fp32_matmuls"] == 1
+    assert meta["smoothing"] == {"enabled": False} and meta["activations"] == activations
+
+
+@pytest.mark.slow
+def test_smoothing_absorbs_the_outlier_channel(tmp_path):
+    """With smoothing (the default), the same outlier is divided out of the activation and into the weight
+    rows: all-INT8 is far closer to FP32 than without, and no layer needs to stay in FP32."""
+    folder = outlier_model(tmp_path)
+    kl = {}
+    for smoothing in ("{enabled: false}", "{alpha: 0.5}"):
+        recipe = int8_recipe(tmp_path, folder, f"""    smoothing: {smoothing}
+    fp32_fallback: {{max_kl_mean: 1.0e-9, max_layers: 0, samples: 2, seq_len: 32}}""")
+        result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+        meta = result.stage("precision").meta
+        kl[smoothing] = meta["fp32_fallback"]["trials"][0]["calibration_kl_mean"]
+    assert meta["smoothing"]["enabled"] and meta["smoothing"]["factor_max"] > 10
+    assert kl["{alpha: 0.5}"] * 5 < kl["{enabled: false}"], kl

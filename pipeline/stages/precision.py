@@ -50,6 +50,20 @@ class Int8Fallback(Strict):
     seed: int = 1
 
 
+class Int8Smoothing(Strict):
+    """INT8: SmoothQuant's migration of activation outliers into the weights, done in the graph before
+    quantizing (pipeline/int8_smoothing.py); the FP32 function is unchanged."""
+
+    enabled: bool = True
+    alpha: float | Literal["auto"] = Field(
+        default="auto", description="Migration strength (0 none, 1 all to the weights), or auto: per input group, "
+                                    "the alpha of 0.3-0.9 that gives its outputs the least INT8 error on calibration.")
+    text: str = Field(default="pydoc:calib", description="pydoc:<split> or a UTF-8 text file (relative to the recipe).")
+    samples: int = Field(default=8, ge=1, le=1024)
+    seq_len: int = Field(default=128, ge=8, le=8192)
+    seed: int = 1
+
+
 class PrecisionConfig(Strict):
     type: Literal["precision"]
     mode: Literal["fp16", "int8-dynamic", "int8-qdq", "int4"]
@@ -61,13 +75,21 @@ class PrecisionConfig(Strict):
     target: Literal["cpu", "tensorrt"] = Field(
         default="cpu", description="INT8 activations: unsigned on CPU (fast kernels), signed symmetric for TensorRT.")
     per_channel: bool = True
+    activations: Literal["per-token", "per-tensor"] | None = Field(
+        default=None, description="int8-dynamic: one activation scale per token (default; pipeline/int8_per_token.py) "
+                                  "or one per tensor (ONNX Runtime's quantize_dynamic).")
     quantize_lm_head: bool = False
     keep_io_fp32: bool = True
     fp32_op_types: tuple[str, ...] = Field(
         default=("RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization", "Softmax", "Pow",
                  "ReduceMean", "Sqrt", "Reciprocal"),
         description="FP16: op types kept in FP32 (norms, softmax).")
+    exclude: tuple[str, ...] = Field(
+        default=(), description="INT8: weight MatMuls kept in FP32, named by the Hugging Face Linear whose weight "
+                                "they carry (exact name or dotted suffix, as the quantize stage's exclude).")
     calibration: CalibrationSpec | None = None
+    smoothing: Int8Smoothing | None = Field(default=None, description="INT8 modes (on by default for int8-dynamic): "
+                                                                      "per-channel smoothing before quantizing.")
     fp32_fallback: Int8Fallback | None = Field(default=None, description="INT8 modes (on by default there): the "
                                                                          "outlier layers kept in FP32.")
     # thresholds for this stage and every later one, over the mode's defaults and the recipe's verify section
@@ -78,6 +100,10 @@ class PrecisionConfig(Strict):
     def _fallback_default(cls, data: Any) -> Any:
         if isinstance(data, dict) and str(data.get("mode", "")).startswith("int8") and data.get("fp32_fallback") is None:
             data = {**data, "fp32_fallback": {}}
+        if isinstance(data, dict) and data.get("mode") == "int8-dynamic" and data.get("activations") is None:
+            data = {**data, "activations": "per-token"}
+        if isinstance(data, dict) and data.get("mode") == "int8-dynamic" and data.get("smoothing") is None:
+            data = {**data, "smoothing": {}}
         return data
 
     @model_validator(mode="after")
@@ -85,6 +111,16 @@ class PrecisionConfig(Strict):
         if self.fp32_fallback is not None and not self.mode.startswith("int8"):
             raise ValueError(f"fp32_fallback chooses layers an INT8 graph keeps in FP32; mode {self.mode} has none: "
                              "remove it")
+        if self.smoothing is not None and not self.mode.startswith("int8"):
+            raise ValueError(f"smoothing prepares a graph for INT8; mode {self.mode} is not INT8: remove it")
+        if self.exclude and not self.mode.startswith("int8"):
+            raise ValueError(f"exclude keeps weight MatMuls out of INT8; mode {self.mode} is not INT8: remove it")
+        if self.activations is not None and self.mode != "int8-dynamic":
+            raise ValueError(f"activations chooses how int8-dynamic scales its activations; mode {self.mode} "
+                             "does not: remove it")
+        if self.mode == "int8-dynamic" and self.activations == "per-token" and not self.per_channel:
+            raise ValueError("activations per-token quantizes weights per output channel; set per_channel: true "
+                             "or activations: per-tensor")
         if self.mode == "int4" and self.calibration is not None:
             raise ValueError("mode int4 lowers the quantize stage's integers and does not calibrate; "
                              "remove the calibration section")
@@ -144,7 +180,7 @@ def dedupe_nodes(model) -> None:
 class PrecisionStage(OnnxStage):
     name = "precision"
     Config: ClassVar[type] = PrecisionConfig
-    version = 5
+    version = 10
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
 
@@ -160,12 +196,13 @@ class PrecisionStage(OnnxStage):
 
     def key_material(self, parent_key: str | None) -> dict[str, Any]:
         material = super().key_material(parent_key)
-        fallback = self.spec.fp32_fallback
-        if fallback is not None and fallback.enabled:
-            from ..calibration import text_identity
+        from ..calibration import text_identity
 
-            where = f"{self.ctx.recipe.path}: stages.precision.fp32_fallback"
-            material["fallback_text"] = text_identity(fallback.text, self.ctx.recipe.path.parent, where=where)
+        for field in ("fp32_fallback", "smoothing"):
+            section = getattr(self.spec, field)
+            if section is not None and section.enabled:
+                where = f"{self.ctx.recipe.path}: stages.precision.{field}"
+                material[f"{field}_text"] = text_identity(section.text, self.ctx.recipe.path.parent, where=where)
         return material
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
@@ -228,9 +265,7 @@ class PrecisionStage(OnnxStage):
               meta: dict[str, Any]) -> list[str]:
         """Quantize to INT8 (dynamic or Q/DQ) with settings exact on this CPU's kernels, keeping the outlier layers
         the fallback chooses in FP32; returns the nodes quantized."""
-        from ..int8_fallback import choose_fp32, input_stats, name_matmuls
         from ..target import int8_kernels
-        from ..verify.accuracy import distribution_metrics, window_logprobs
 
         kernels = int8_kernels() if self.spec.target == "cpu" else None
         reduce_range = bool(kernels and kernels["u8s8_saturates"])
@@ -239,16 +274,70 @@ class PrecisionStage(OnnxStage):
             "why": ("this CPU's u8 x s8 kernels add pairs of products in int16 and saturate: weights in 7 bits "
                     "cannot overflow" if reduce_range else "products accumulate in int32 here: 8-bit weights are exact")}
         dst = out / MODEL
+        scratch = out / ".int8"
+        if self.spec.exclude:
+            nodes = self._exclude(src, nodes, meta)
+        try:
+            qsrc = self._smoothed(src, io, nodes, external, reduce_range, scratch, meta)
+            return self._int8_fallback(src, qsrc, dst, io, nodes, external, reduce_range, scratch, meta)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _exclude(self, src: Path, nodes: list[str], meta: dict[str, Any]) -> list[str]:
+        from ..int8_fallback import name_matmuls
+        from ..quant.rtn import excluded
+
+        names = name_matmuls(src, self.ctx.reference_model()[0], nodes)
+        unused = [e for e in self.spec.exclude if not any(excluded(n, (e,)) for n in names.values())]
+        if unused:
+            raise StageError(f"{self.ctx.recipe.path}: stages.precision.exclude: {unused} name no Linear layer of "
+                             f"this model's weight MatMuls (for example {sorted(names.values())[:3]}); fix or remove "
+                             "them")
+        kept = [n for n in nodes if excluded(names.get(n, ""), self.spec.exclude)]
+        meta["excluded"] = sorted(names[n] for n in kept)
+        return [n for n in nodes if n not in kept]
+
+    def _smoothed(self, src: Path, io: dict[str, Any], nodes: list[str], external: bool, reduce_range: bool,
+                  scratch: Path, meta: dict[str, Any]) -> Path:
+        """The graph to quantize: `src`, or its smoothed FP32 twin when smoothing is on (decoders)."""
+        from ..int8_smoothing import smooth_graph
+
+        smoothing = self.spec.smoothing
+        if smoothing is None or not smoothing.enabled or io.get("task", "causal-lm") != "causal-lm":
+            meta["smoothing"] = {"enabled": False}
+            return src
+        windows = calibration_windows(self.ctx.tokenizer(), smoothing.text, smoothing.samples, smoothing.seq_len,
+                                      smoothing.seed, self.ctx.recipe.path.parent,
+                                      where=f"{self.ctx.recipe.path}: stages.precision.smoothing")
+        self.ctx.say(f"smoothing activation outliers into the weights (alpha {smoothing.alpha})")
+        dst = scratch / "smoothed" / MODEL
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        per_token = self.spec.mode == "int8-dynamic" and self.spec.activations == "per-token"
+        info = smooth_graph(src, dst, io, nodes, windows.windows,
+                            None if smoothing.alpha == "auto" else float(smoothing.alpha), scratch / "capture",
+                            external, per_token, 63 if reduce_range else 127)
+        meta["smoothing"] = {"enabled": True, **info, "calibration": windows.identity()}
+        return dst
+
+    def _int8_fallback(self, src: Path, qsrc: Path, dst: Path, io: dict[str, Any], nodes: list[str],
+                       external: bool, reduce_range: bool, scratch: Path, meta: dict[str, Any]) -> list[str]:
+        """Quantize `qsrc` (the graph to quantize) to `dst`, keeping the layers the fallback chooses in FP32;
+        the fallback measures against `src`, the FP32 graph."""
+        from ..int8_fallback import choose_fp32, input_stats, name_matmuls
+        from ..verify.accuracy import distribution_metrics, window_logprobs
+
         reader = None
         if self.spec.mode == "int8-qdq":
-            reader, meta["calibration"] = self._qdq_reader(src, io)
+            reader, meta["calibration"] = self._qdq_reader(qsrc, io)
+        else:
+            meta["activations"] = self.spec.activations
 
         def quantize(selected: list[str]) -> Path:
             if reader is None:
-                self._int8_dynamic(src, dst, selected, external, reduce_range)
+                self._int8_dynamic(qsrc, dst, selected, external, reduce_range)
             else:
                 reader.rewind()
-                self._int8_qdq(src, dst, reader, selected, external, reduce_range)
+                self._int8_qdq(qsrc, dst, reader, selected, external, reduce_range)
             return dst
 
         fallback = self.spec.fp32_fallback
@@ -259,9 +348,10 @@ class PrecisionStage(OnnxStage):
         windows = calibration_windows(self.ctx.tokenizer(), fallback.text, fallback.samples, fallback.seq_len,
                                       fallback.seed, self.ctx.recipe.path.parent,
                                       where=f"{self.ctx.recipe.path}: stages.precision.fp32_fallback")
-        scratch = out / ".fallback"
-        stats = input_stats(src, io, nodes, windows.windows, scratch)
-        ranking = {n: s["crest"] for n, s in stats.items()}
+        per_token = self.spec.mode == "int8-dynamic" and self.spec.activations == "per-token"
+        stats = input_stats(qsrc, io, nodes, windows.windows, scratch / "stats", per_token,
+                            63 if reduce_range else 127)
+        ranking = {n: s["output_error"] for n, s in stats.items()}
         settings = SessionSettings(graph_optimization_level="basic", intra_op_threads=0)
         reference = OrtLM(src, io, settings)
         ref = window_logprobs(reference, windows.windows)
@@ -274,21 +364,25 @@ class PrecisionStage(OnnxStage):
             finally:
                 runner.close()
 
-        try:
-            kept, trials, _ = choose_fp32(quantize, measure, nodes, ranking, fallback.max_kl_mean,
-                                          fallback.max_layers, self.ctx.say)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        kept, trials, _ = choose_fp32(quantize, measure, nodes, ranking, fallback.max_kl_mean,
+                                      fallback.max_layers, self.ctx.say)
         names = name_matmuls(src, self.ctx.reference_model()[0], kept)
         meta["fp32_fallback"] = {
             "enabled": True, "max_kl_mean": fallback.max_kl_mean, "calibration": windows.identity(),
-            "ranked_by": "crest factor of the input (max |x| / RMS) on calibration windows",
-            "kept_fp32": [{"node": n, "layer": names.get(n), **stats[n]} for n in kept],
+            "ranked_by": "relative error INT8 puts on the MatMul's output (activations "
+                         + ("per token" if per_token else "per tensor") + ") on calibration windows",
+            "kept_fp32": [{"node": n, "layer": names.get(n), **stats[n], "rank": ranking[n]} for n in kept],
             "trials": trials, "met": trials[-1]["calibration_kl_mean"] <= fallback.max_kl_mean}
         return [n for n in nodes if n not in kept]
 
     def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool, reduce_range: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        if self.spec.activations == "per-token":
+            from ..int8_per_token import quantize_per_token
+
+            quantize_per_token(src, dst, nodes, external, reduce_range)
+            return
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=self.spec.per_channel,
                          reduce_range=reduce_range, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
@@ -329,15 +423,29 @@ class PrecisionStage(OnnxStage):
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         v = self.verify_graph(out / MODEL, meta["io"], onnx_input(parent))
         v.metrics["quantized_matmuls"] = len(meta["quantized_nodes"])
+        if meta.get("excluded"):
+            v.notes.append(f"INT8: {len(meta['excluded'])} weight MatMuls kept in FP32 by the recipe's exclude "
+                           f"{list(self.spec.exclude)}")
         fallback = meta.get("fp32_fallback") or {}
         if fallback.get("enabled"):
             kept = fallback["kept_fp32"]
             v.metrics["fp32_matmuls"] = len(kept)
-            v.notes.append(f"INT8 fallback: {len(kept)} weight MatMuls kept in FP32 (largest input outliers first: "
-                           + (", ".join(f"{k['layer'] or k['node']} max/RMS {k['crest']:.0f}" for k in kept)
+            v.notes.append(f"INT8 fallback: {len(kept)} weight MatMuls kept in FP32 (ranked by {fallback['ranked_by']}: "
+                           + (", ".join(f"{k['layer'] or k['node']} {k['rank']:.2g}" for k in kept)
                               or "none needed")
                            + f"); calibration KL {fallback['trials'][-1]['calibration_kl_mean']:.4g}, target "
                              f"{fallback['max_kl_mean']:g}" + ("" if fallback["met"] else " (NOT reached)"))
+        smoothing = meta.get("smoothing") or {}
+        if smoothing.get("enabled"):
+            chosen = smoothing.get("alpha_chosen")
+            alpha = (f"auto ({', '.join(f'{a}: {n}' for a, n in chosen.items())} groups)" if chosen
+                     else f"{smoothing['alpha']}")
+            v.notes.append(f"INT8 smoothing: alpha {alpha} over {smoothing['matmuls']} weight MatMuls "
+                           f"in {smoothing['groups']} input groups, factors {smoothing['factor_min']:.3g} to "
+                           f"{smoothing['factor_max']:.3g} (calibration: {smoothing['calibration']['samples']} x "
+                           f"{smoothing['calibration']['seq_len']} tokens)")
+        if meta.get("activations"):
+            v.notes.append(f"INT8 activations: {meta['activations']} dynamic scales")
         kernels = meta.get("int8_kernels")
         if kernels:
             v.notes.append(f"INT8 kernels: {kernels['kernels']}; reduce_range {kernels['reduce_range']}: {kernels['why']}")
