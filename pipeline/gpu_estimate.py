@@ -50,6 +50,9 @@ class GpuEstimate:
 
 
 def _kv_dtype(recipe: Recipe) -> str:
+    export = recipe.stage("export")
+    if export is not None and getattr(export, "kv_cache_dtype", None) == "float16":
+        return "fp16"
     precision = recipe.stage("precision")
     if precision is not None and precision.mode == "fp16" and not precision.keep_io_fp32:
         return "fp16"

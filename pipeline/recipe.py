@@ -76,6 +76,20 @@ class Recipe(Strict):
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorrt_kv_cache(cls, data: Any) -> Any:
+        """A TensorRT engine's graph keeps its KV cache in FP16 unless the export stage says otherwise."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list | tuple):
+            return data
+        stages = list(data["stages"])
+        tensorrt = any(isinstance(s, dict) and s.get("type") == "engine" and s.get("backend") == "tensorrt"
+                       for s in stages)
+        for i, s in enumerate(stages):
+            if tensorrt and isinstance(s, dict) and s.get("type") == "export" and s.get("kv_cache_dtype") is None:
+                stages[i] = {**s, "kv_cache_dtype": "float16"}
+        return {**data, "stages": stages}
+
     @model_validator(mode="after")
     def _stage_order(self) -> Recipe:
         names = [s.type for s in self.stages]

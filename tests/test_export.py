@@ -103,3 +103,26 @@ def test_external_data_through_every_stage(tmp_path, random_llama):
         assert (folder / "model.onnx.data").is_file(), name
         assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size, name
         assert result.stage(name).verify["passed"]
+
+
+def test_fp16_kv_cache_at_the_graphs_edge(tmp_path, random_llama):
+    """kv_cache_dtype float16: past inputs and present outputs are FP16 (half the memory a server holds),
+    the model computes in FP32 inside, and decode with the FP16 cache stays within the stated tolerance."""
+    recipe = write_recipe(tmp_path / "r.yaml", random_llama, stages="""
+  - type: export
+    opset: 23
+    kv_cache_dtype: float16
+  - type: simplify
+    tool: onnxslim
+  - type: engine
+""")
+    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    model = onnx.load(result.stage("engine").artifact, load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    assert types["past_key_values.0.key"] == types["present.0.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    policy = result.stage("engine").verify["thresholds"]
+    assert policy["decode_atol"] == {"value": 5e-2, "source": "stages.export default (kv_cache_dtype float16)"}
+    m = result.stage("engine").verify["metrics"]
+    assert 0 < m["decode_max_abs_diff"] <= 5e-2 and m["prefill_max_abs_diff"] <= 1e-4
+    assert m["greedy_tokens_matched"] >= 0.9 * m["greedy_tokens_total"]

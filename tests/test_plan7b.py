@@ -58,8 +58,8 @@ def test_weight_and_kv_cache_figures(tmp_path):
     assert (prefill.batch, prefill.past_tokens, prefill.total_tokens) == (4, 0, 2048)
     assert (decode.batch, decode.past_tokens, decode.total_tokens) == (8, 2047, 2048)
     assert decode.fp16_bytes == 8 * 1_073_741_824
-    # int8-qdq keeps the graph's inputs/outputs FP32: past and present together at 4 bytes
-    assert decode.io_dtype == "fp32" and decode.io_bytes == KV_PER_TOKEN_FP16 * 2 * 8 * (2047 + 2048)
+    # a TensorRT recipe's graph keeps its KV cache in FP16: past and present together at 2 bytes
+    assert decode.io_dtype == "fp16" and decode.io_bytes == KV_PER_TOKEN_FP16 * 8 * (2047 + 2048)
     # INT8 weight MatMuls; embedding and LM head stay FP32
     vocab_hidden = 32000 * 4096
     assert est.engine_weights == (est.parameters - 2 * vocab_hidden - 65 * 4096) + 2 * vocab_hidden * 4 + 65 * 4096 * 4
@@ -73,7 +73,17 @@ def test_gpu_verdict_from_the_recipe_and_from_this_machines_gpu(tmp_path):
     on_l4 = pipe(tmp_path, gpu=L4)
     est = on_l4.gpu_estimate(on_l4.plan())
     assert est.gpu_memory == 23034 * 1024**2 and "NVIDIA L4" in est.gpu_source
-    assert any("the engine needs at least 41.88 GB" in w and "24.15 GB" in w for w in est.warnings)
+    assert any("the engine needs at least 24.70 GB" in w and "24.15 GB" in w for w in est.warnings)
+
+
+def test_fp32_kv_cache_is_a_choice(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.read_text().replace("../tests/fixtures/llama7b", str(FIXTURE))
+                      .replace("    opset: 18 ", "    kv_cache_dtype: float32\n    opset: 18 "))
+    p = pipe(tmp_path, recipe)
+    assert p.recipe.recipe.stage("export").kv_cache_dtype == "float32"
+    decode = p.gpu_estimate(p.plan()).kv[1]
+    assert decode.io_dtype == "fp32" and decode.io_bytes == KV_PER_TOKEN_FP16 * 2 * 8 * (2047 + 2048)
 
 
 def test_no_gpu_and_no_gpu_memory_option_is_said(tmp_path):

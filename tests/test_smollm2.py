@@ -95,3 +95,36 @@ def test_onnxruntime_genai_runs_the_real_models_engine(cache):
     m = result.stage("package").verify["metrics"]
     # every token genai generated equals PyTorch's (it may stop earlier, at the end-of-sequence token)
     assert m["genai_greedy_tokens_matched"] == m["genai_greedy_tokens"] > 0
+
+
+def _int8_goal(result) -> dict:
+    m = result.stage("engine").verify["metrics"]
+    assert m["kl_mean"] <= 0.02 and m["top1_agreement"] >= 0.95, m  # the quality goal, held-out text vs FP32
+    return m
+
+
+def test_int8_dynamic_meets_the_quality_goal_on_this_cpu(cache):
+    from pipeline.target import int8_kernels
+
+    result = run("smollm2-int8-dynamic.yaml", cache)
+    _int8_goal(result)
+    meta = result.stage("precision").meta
+    assert meta["activations"] == "per-token" and meta["smoothing"]["enabled"]
+    assert len(meta["excluded"]) == 30 and all(n.endswith("mlp.down_proj") for n in meta["excluded"])
+    assert meta["int8_kernels"]["kernels"] == int8_kernels()["kernels"]
+
+
+def test_int8_dynamic_for_a_cpu_whose_u8s8_kernels_saturate(cache, monkeypatch):
+    """This machine's CPU may have VNNI; the graph for one without (AVX2: u8 x s8 pairs saturate in int16) is
+    built by telling the stage so. Its unsigned weights take u8 x u8 kernels, which accumulate exactly on either
+    kind, so the quality measured here is the quality there. The engine is keyed on the other kernels."""
+    import pipeline.target as target
+
+    real = target.int8_kernels()
+    monkeypatch.setattr(target, "int8_kernels", lambda: {"kernels": "avx2", "u8s8_saturates": True})
+    result = run("smollm2-int8-dynamic.yaml", cache)
+    _int8_goal(result)
+    kernels = result.stage("precision").meta["int8_kernels"]
+    assert kernels["weights"] == "uint8" and kernels["reduce_range"] is False
+    if not real["u8s8_saturates"]:
+        assert not result.stage("precision").cached  # not served the graph made for this CPU's kernels

@@ -34,6 +34,16 @@ class ExportConfig(Strict):
     external_data_threshold_mb: float = Field(
         default=1024.0, gt=0, description="Weights above this size go to an external data file."
     )
+    kv_cache_dtype: Literal["float32", "float16"] | None = Field(
+        default=None, description="dtype of the graph's past inputs and present outputs (the KV cache a server "
+                                  "holds): float16 by default for a TensorRT engine, float32 otherwise. The "
+                                  "model computes attention in its own dtype; the cache is cast at the graph's edge.")
+
+    def threshold_defaults(self) -> tuple[str, dict[str, Any]] | None:
+        """An FP16 cache rounds every key and value once: decode logits move by about 1e-3 of their range."""
+        if self.kv_cache_dtype == "float16":
+            return "kv_cache_dtype float16", {"decode_atol": 5e-2, "min_greedy_match": 0.9}
+        return None
 
 # symbolic axis names, by input/output role
 AXES = {
@@ -62,9 +72,11 @@ def _axis_role(name: str) -> str:
     return name
 
 
-def _make_wrapper(model, num_layers: int):
+def _make_wrapper(model, num_layers: int, kv_dtype=None):
     import torch
     from transformers import DynamicCache
+
+    compute = next(model.parameters()).dtype
 
     class KVCacheWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -74,12 +86,14 @@ def _make_wrapper(model, num_layers: int):
         def forward(self, input_ids, attention_mask, position_ids, *past):
             cache = DynamicCache()  # full-length layers: presents always span total_sequence
             for i in range(num_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
+                cache.update(past[2 * i].to(compute), past[2 * i + 1].to(compute), i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True)
             presents = []
             for layer in out.past_key_values.layers:
                 presents += [layer.keys, layer.values]
+            if kv_dtype is not None and kv_dtype != compute:
+                presents = [p.to(kv_dtype) for p in presents]
             return (out.logits, *presents)
 
     return KVCacheWrapper().eval()
@@ -141,7 +155,7 @@ def set_axis_names(ir_model, io: dict[str, Any]) -> list[str]:
 class ExportStage(OnnxStage):
     name = "export"
     Config: ClassVar[type] = ExportConfig
-    version = 2
+    version = 3
     tools = ("torch", "transformers", "onnx", "onnxscript")
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
@@ -214,14 +228,16 @@ class ExportStage(OnnxStage):
         layers, kv_heads, head_dim = geo["num_layers"], geo["kv_heads"], geo["head_dim"]
         names = io_names(layers)
         model, _ = self.ctx.reference_model()
-        wrapper = _make_wrapper(model, layers)
+        kv_dtype = {"float16": torch.float16, "float32": torch.float32, None: None}[self.spec.kv_cache_dtype]
+        wrapper = _make_wrapper(model, layers, kv_dtype)
+        past_dtype = kv_dtype or next(model.parameters()).dtype
 
         batch, seq, past_len = 2, 3, 5  # sizes above 1 so no axis is specialized
         args = (
             torch.randint(0, geo["vocab_size"], (batch, seq)),
             torch.ones(batch, past_len + seq, dtype=torch.long),
             torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
-            *[torch.zeros(batch, kv_heads, past_len, head_dim) for _ in names["past"]],
+            *[torch.zeros(batch, kv_heads, past_len, head_dim, dtype=past_dtype) for _ in names["past"]],
         )
         dims = {axis: Dim(axis) for axis in DYNAMIC_AXES}
         past_shape = {0: dims["batch"], 2: dims["past_sequence"]}
@@ -243,6 +259,7 @@ class ExportStage(OnnxStage):
             "kv_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": geo["vocab_size"],
+            "kv_dtype": str(past_dtype).removeprefix("torch."),
             "dynamic_axes": list(DYNAMIC_AXES),
             "axes": {n: AXES[_axis_role(n)] for n in names["inputs"] + names["outputs"]},
         }

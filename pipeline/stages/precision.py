@@ -180,7 +180,7 @@ def dedupe_nodes(model) -> None:
 class PrecisionStage(OnnxStage):
     name = "precision"
     Config: ClassVar[type] = PrecisionConfig
-    version = 10
+    version = 11
     tools = ("onnx", "onnxruntime")
     memory_factor = 4.0
 
@@ -268,11 +268,22 @@ class PrecisionStage(OnnxStage):
         from ..target import int8_kernels
 
         kernels = int8_kernels() if self.spec.target == "cpu" else None
-        reduce_range = bool(kernels and kernels["u8s8_saturates"])
-        meta["int8_kernels"] = {
-            **(kernels or {"kernels": "tensorrt"}), "reduce_range": reduce_range,
-            "why": ("this CPU's u8 x s8 kernels add pairs of products in int16 and saturate: weights in 7 bits "
-                    "cannot overflow" if reduce_range else "products accumulate in int32 here: 8-bit weights are exact")}
+        saturates = bool(kernels and kernels["u8s8_saturates"])
+        per_token = self.spec.mode == "int8-dynamic" and self.spec.activations == "per-token"
+        # per token (our graph): unsigned weights take the u8 x u8 kernels, which widen to int16 before
+        # multiplying and cannot saturate, keeping all 8 bits; ONNX Runtime's quantizers: 7-bit weights
+        reduce_range = saturates and not per_token
+        unsigned_weights = saturates and per_token
+        if not saturates:
+            why = "products accumulate in int32 here: signed 8-bit weights are exact"
+        elif unsigned_weights:
+            why = ("this CPU's u8 x s8 kernels add pairs of products in int16 and saturate: weights stored unsigned "
+                   "(zero point 128) take the u8 x u8 kernels, exact at 8 bits")
+        else:
+            why = ("this CPU's u8 x s8 kernels add pairs of products in int16 and saturate: weights in 7 bits "
+                   "cannot overflow")
+        meta["int8_kernels"] = {**(kernels or {"kernels": "tensorrt"}), "reduce_range": reduce_range,
+                                "weights": "uint8" if unsigned_weights else "int8", "why": why}
         dst = out / MODEL
         scratch = out / ".int8"
         if self.spec.exclude:
@@ -380,8 +391,10 @@ class PrecisionStage(OnnxStage):
 
         if self.spec.activations == "per-token":
             from ..int8_per_token import quantize_per_token
+            from ..target import int8_kernels
 
-            quantize_per_token(src, dst, nodes, external, reduce_range)
+            saturates = bool(self.spec.target == "cpu" and int8_kernels()["u8s8_saturates"])
+            quantize_per_token(src, dst, nodes, external, unsigned_weights=saturates)
             return
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=self.spec.per_channel,
@@ -448,7 +461,8 @@ class PrecisionStage(OnnxStage):
             v.notes.append(f"INT8 activations: {meta['activations']} dynamic scales")
         kernels = meta.get("int8_kernels")
         if kernels:
-            v.notes.append(f"INT8 kernels: {kernels['kernels']}; reduce_range {kernels['reduce_range']}: {kernels['why']}")
+            v.notes.append(f"INT8 kernels: {kernels['kernels']}; weights {kernels.get('weights', 'int8')}, reduce_range "
+                           f"{kernels['reduce_range']}: {kernels['why']}")
         v.metrics["nodes_after"] = meta["nodes"]
         return v
 
