@@ -110,13 +110,16 @@ def _print_summary(console, report) -> None:
     from .report import accuracy_summary, not_checked, speed_summary
 
     table = Table(title=f"{report['recipe']['name']}: {report['status']} in {report['seconds']:.1f} s")
-    for col in ("stage", "cache", "s", "verify", "not checked", "accuracy against PyTorch",
+    for col in ("stage", "cache", "s", "peak RSS GB (plan)", "verify", "not checked", "accuracy against PyTorch",
                 "speed (measured in this build)"):
         table.add_column(col)
     for s in report["stages"]:
         m = s["verify"]["metrics"]
         skipped = len(s["verify"].get("not_checked", []))
-        table.add_row(s["name"], "hit" if s["cached"] else "built", f"{s['seconds']:.2f}",
+        mem = s.get("memory") or {}
+        rss = "–" if not mem else f"{mem['peak_rss_bytes'] / 1e9:.1f}" + (
+            f" ({mem['estimate_bytes'] / 1e9:.1f})" if mem.get("estimate_bytes") else "")
+        table.add_row(s["name"], "hit" if s["cached"] else "built", f"{s['seconds']:.2f}", rss,
                       "passed" if s["verify"]["passed"] else "FAILED", str(skipped) if skipped else "–",
                       accuracy_summary(m), speed_summary(m))
     console.print(table)

@@ -18,7 +18,7 @@ from .cache import ArtifactCache, Entry
 from .context import RunContext
 from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
-from .memory import available_bytes, gib, peak_bytes
+from .memory import available_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import load_stage_class, stage_class
 from .report import write_report
@@ -50,10 +50,13 @@ class StageResult:
     verify: dict[str, Any]
     build_seconds: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # peak RSS of the build and verification against plan's estimate (recorded when the entry was built)
+    memory: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "cached": self.cached, "seconds": round(self.seconds, 4),
-                "build_seconds": self.build_seconds, "artifact": self.artifact, "verify": self.verify}
+                "build_seconds": self.build_seconds, "artifact": self.artifact, "verify": self.verify,
+                "memory": self.memory}
 
 
 @dataclass
@@ -173,9 +176,10 @@ class Pipeline:
         current = stages[0].name
         try:
             memory_check = (lambda stage: self._check_memory(stages[0], stage)) if check_memory else None
+            estimate = lambda stage: self._peak_memory(stages[0], stage)  # noqa: E731
             for stage in stages:
                 current = stage.name
-                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check)
+                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check, estimate)
                 results.append(result)
                 if parent is not None:
                     ctx.arrived(parent)  # later stages read it; it may name the model they are checked against
@@ -198,7 +202,8 @@ class Pipeline:
         return RunResult(report=report, stages=results, run_dir=run_dir)
 
     def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool,
-                   memory_check: Callable[[Stage], None] | None) -> tuple[StageResult, Entry | None]:
+                   memory_check: Callable[[Stage], None] | None,
+                   estimate: Callable[[Stage], int] | None = None) -> tuple[StageResult, Entry | None]:
         t0 = time.perf_counter()
         key = stage.key(parent.key if parent else None)
         entry = None if forced else self.cache.lookup(key)
@@ -211,26 +216,31 @@ class Pipeline:
                         memory_check(stage)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
+                        windowed = reset_peak_rss()
                         stage_meta, verification = self._build_and_verify(stage, parent, tmp)
                         seconds = time.perf_counter() - t0
+                        memory = {"peak_rss_bytes": peak_rss_bytes(),
+                                  "scope": "this stage's build and verification" if windowed else "the process",
+                                  "estimate_bytes": estimate(stage) if estimate is not None else None}
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
                             return StageResult(stage.name, key, False, seconds, "(not kept: failed verification)",
-                                               verification.to_dict(), meta=stage_meta), None
+                                               verification.to_dict(), meta=stage_meta, memory=memory), None
                         meta: dict[str, Any] = {
                             "stage": stage.name, "key": key, "parent": parent.key if parent else None,
                             "key_material": stage.key_material(parent.key if parent else None),
                             "stage_meta": stage_meta, "verify": verification.to_dict(),
-                            "build_seconds": round(seconds, 3), "created": time.time(),
+                            "build_seconds": round(seconds, 3), "memory": memory, "created": time.time(),
                             "recipe": self.recipe.recipe.name,
                         }
                         entry = self.cache.commit(key, tmp, meta)
                     return StageResult(stage.name, key, False, time.perf_counter() - t0, stage.describe(entry),
-                                       meta["verify"], build_seconds=meta["build_seconds"], meta=stage_meta), entry
+                                       meta["verify"], build_seconds=meta["build_seconds"], meta=stage_meta,
+                                       memory=memory), entry
         self.say(f"{stage.name}: cached")
         return StageResult(stage.name, key, True, time.perf_counter() - t0, stage.describe(entry),
                            entry.meta["verify"], build_seconds=entry.meta.get("build_seconds"),
-                           meta=entry.meta.get("stage_meta", {})), entry
+                           meta=entry.meta.get("stage_meta", {}), memory=entry.meta.get("memory")), entry
 
     def _build_and_verify(self, stage: Stage, parent: Entry | None, tmp: Path) -> tuple[dict[str, Any], Verification]:
         """Build and verify one stage. Whatever a stage or a library under it raises ends as a stage error

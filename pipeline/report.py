@@ -99,6 +99,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _table(["stage", "threads"] + [c[1] for c in LATENCY_COLUMNS],
                         [[s["name"], str(s["verify"]["metrics"].get("threads", "–"))]
                          + [_cell(s["verify"]["metrics"], k, f) for k, _, f in LATENCY_COLUMNS] for s in onnx_stages])
+    measured = [s for s in report["stages"] if s.get("memory")]
+    if measured:
+        lines += ["", "## Memory (peak RSS while the stage was built and verified, against plan's estimate)", ""]
+        lines += _table(["stage", "peak RSS GB", "plan estimate GB", "measured / estimate", "built in this run"],
+                        [[s["name"], f"{m['peak_rss_bytes'] / 1e9:.2f}",
+                          "–" if not m.get("estimate_bytes") else f"{m['estimate_bytes'] / 1e9:.2f}",
+                          "–" if not m.get("estimate_bytes") else f"{m['peak_rss_bytes'] / m['estimate_bytes']:.2f}",
+                          "no (cached)" if s["cached"] else "yes"]
+                         for s in measured for m in [s["memory"]]])
     failures = [(s["name"], f) for s in report["stages"] for f in s["verify"]["failures"]]
     notes = [(s["name"], n) for s in report["stages"] for n in s["verify"].get("notes", [])]
     if failures:

@@ -34,6 +34,9 @@ def test_default_recipe_builds_and_verifies(shipped_run):
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["stages"][3]["verify"]["metrics"]["greedy_tokens_total"] == 32
     assert "| engine |" in (result.run_dir / "report.md").read_text()
+    for s in report["stages"]:  # every build measured its peak RSS, beside plan's estimate
+        assert s["memory"]["peak_rss_bytes"] > 100e6 and s["memory"]["estimate_bytes"] > 1e9
+    assert "## Memory (peak RSS" in (result.run_dir / "report.md").read_text()
 
 
 def test_second_run_is_all_hits_and_loads_no_model(shipped_run, monkeypatch):
@@ -46,6 +49,7 @@ def test_second_run_is_all_hits_and_loads_no_model(shipped_run, monkeypatch):
     monkeypatch.setattr(torch_lm, "load_hf_causal_lm", refuse)
     result = Pipeline.from_recipe(DEFAULT_RECIPE, cache_dir=cache).run()
     assert all(s.cached for s in result.stages)
+    assert all(s.memory and s.memory["peak_rss_bytes"] > 0 for s in result.stages)  # kept from the build
     plan = Pipeline.from_recipe(DEFAULT_RECIPE, cache_dir=cache).plan()
     assert [p.status for p in plan] == ["hit"] * 4
 
