@@ -26,6 +26,7 @@ class RunContext:
     source: Path | None = None
     artifacts: list[Artifact] = field(default_factory=list)
     _models: dict[Path, tuple[Any, Any]] = field(default_factory=dict)
+    _tokenizers: dict[Path, Any] = field(default_factory=dict)
     _references: dict[Path, Any] = field(default_factory=dict)
     _task: str | None = None
     _baselines: dict[Any, dict[str, Any]] = field(default_factory=dict)
@@ -110,7 +111,27 @@ class RunContext:
         return self.model_at(self.source_path)
 
     def tokenizer(self) -> Any:
-        return self.reference_model()[1]
+        """The reference model's tokenizer, without loading the model when it is not held."""
+        path = self.source_path
+        if path in self._models:
+            return self._models[path][1]
+        if path not in self._tokenizers:
+            from .runtime.torch_lm import load_hf_tokenizer
+
+            self._tokenizers[path] = load_hf_tokenizer(path, self.recipe.recipe.model.trust_remote_code)
+        return self._tokenizers[path]
+
+    def release_models(self) -> None:
+        """Drop every PyTorch model this run holds (their reference outputs and baselines stay): ONNX Runtime
+        then runs without a second copy of the weights beside it. A later stage that needs one loads it again."""
+        if not self._models:
+            return
+        from .memory import return_freed_memory
+
+        for path, (_, tokenizer) in self._models.items():
+            self._tokenizers.setdefault(path, tokenizer)
+        self._models.clear()
+        return_freed_memory()
 
     def reference(self):
         """PyTorch outputs on the verification cases, computed once per run and reference model."""

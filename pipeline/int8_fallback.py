@@ -98,28 +98,33 @@ def choose_fp32(quantize: Callable[[list[str]], Path], measure: Callable[[Path],
     return kept, trials, path
 
 
-def name_matmuls(src: Path, torch_model: Any, nodes: list[str]) -> dict[str, str]:
-    """The Hugging Face module name of each MatMul node in `nodes`, matched by the exact bytes of its weight."""
+def name_matmuls(src: Path, model_dir: Path, nodes: list[str]) -> dict[str, str]:
+    """The Hugging Face module name of each MatMul node in `nodes`, matched by the exact bytes of its weight
+    against the model folder's safetensors (read one tensor at a time; no model is loaded)."""
     if not nodes:
         return {}
     import onnx
-    import torch
     from onnx import numpy_helper
+    from safetensors import safe_open
 
     from .lowering import _weight_key
 
-    by_key = {}
-    with torch.no_grad():
-        for name, module in torch_model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                by_key[_weight_key(module.weight.detach().float().numpy().T)] = name
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
-    wanted = set(nodes)
+    wanted = {n.name: n for n in model.graph.node if n.name in set(nodes) and len(n.input) > 1
+              and n.input[1] in inits}
+    by_key = {_weight_key(numpy_helper.to_array(inits[n.input[1]], base_dir=str(src.parent))): name
+              for name, n in wanted.items()}
     out = {}
-    for node in model.graph.node:
-        if node.name in wanted and len(node.input) > 1 and node.input[1] in inits:
-            name = by_key.get(_weight_key(numpy_helper.to_array(inits[node.input[1]])))
-            if name is not None:
-                out[node.name] = name
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not key.endswith(".weight"):
+                    continue
+                tensor = f.get_tensor(key)
+                if tensor.dim() != 2:
+                    continue
+                node = by_key.get(_weight_key(tensor.float().numpy().T))
+                if node is not None:
+                    out[node] = key.removesuffix(".weight")
     return out

@@ -43,6 +43,26 @@ def gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
+def return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the system (malloc_trim), so what one stage freed does not
+    stay resident through the next; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window for this process (Linux: /proc/self/clear_refs); False where unsupported."""
     try:

@@ -21,10 +21,18 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
+def copy_data_file(src: Path, dest: Path) -> None:
+    """A real copy of an external-data file: onnx.load refuses one with several hard links (its guard against
+    hard-link attacks), so the weights of an artifact that later stages load are never linked."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+
+
 def copy_onnx(src_dir: Path, dest_dir: Path) -> None:
-    for name in (MODEL, EXTERNAL_DATA):
-        if (src_dir / name).is_file():
-            link_or_copy(src_dir / name, dest_dir / name)
+    if (src_dir / MODEL).is_file():
+        link_or_copy(src_dir / MODEL, dest_dir / MODEL)
+    if (src_dir / EXTERNAL_DATA).is_file():
+        copy_data_file(src_dir / EXTERNAL_DATA, dest_dir / EXTERNAL_DATA)
 
 
 def onnx_bytes(folder: Path) -> int:

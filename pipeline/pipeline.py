@@ -18,7 +18,7 @@ from .cache import ArtifactCache, Entry
 from .context import RunContext
 from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
-from .memory import available_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss
+from .memory import available_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss, return_freed_memory
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import load_stage_class, stage_class
 from .report import write_report
@@ -216,6 +216,7 @@ class Pipeline:
                         memory_check(stage)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
+                        return_freed_memory()  # what earlier stages freed is not counted as this one's
                         windowed = reset_peak_rss()
                         stage_meta, verification = self._build_and_verify(stage, parent, tmp)
                         seconds = time.perf_counter() - t0

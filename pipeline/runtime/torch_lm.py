@@ -27,6 +27,12 @@ def load_hf_causal_lm(path: Path, trust_remote_code: bool = False, task: str = "
     return model, tokenizer
 
 
+def load_hf_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+
+
 class TorchLM(CausalLMRunner):
     name = "pytorch-eager"
 

@@ -298,7 +298,7 @@ class PrecisionStage(OnnxStage):
         from ..int8_fallback import name_matmuls
         from ..quant.rtn import excluded
 
-        names = name_matmuls(src, self.ctx.reference_model()[0], nodes)
+        names = name_matmuls(src, self.ctx.source_path, nodes)
         unused = [e for e in self.spec.exclude if not any(excluded(n, (e,)) for n in names.values())]
         if unused:
             raise StageError(f"{self.ctx.recipe.path}: stages.precision.exclude: {unused} name no Linear layer of "
@@ -377,7 +377,7 @@ class PrecisionStage(OnnxStage):
 
         kept, trials, _ = choose_fp32(quantize, measure, nodes, ranking, fallback.max_kl_mean,
                                       fallback.max_layers, self.ctx.say)
-        names = name_matmuls(src, self.ctx.reference_model()[0], kept)
+        names = name_matmuls(src, self.ctx.source_path, kept)
         meta["fp32_fallback"] = {
             "enabled": True, "max_kl_mean": fallback.max_kl_mean, "calibration": windows.identity(),
             "ranked_by": "relative error INT8 puts on the MatMul's output (activations "

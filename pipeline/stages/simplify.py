@@ -4,6 +4,12 @@ The simplifier's own checks are not trusted (onnxsim has been seen to corrupt gr
 its check passed): the result goes through the same verification as the export. A simplifier
 that cannot run on the graph (onnxsim holds the whole model in one protobuf, so it cannot take
 one over 2 GB) leaves the graph unchanged, and the report counts that as not checked.
+
+onnxslim on a graph whose weights are in external data is given the graph alone (the weights not
+loaded): it folds and cleans the nodes, keeps the initializers' references, and the result reads the
+same weights file (hard-linked). On SmolLM2-135M that took 0.9 s and 0.14 GB against 20 s and 4.3 GB with
+the weights loaded, for the same 1,032 nodes and identical logits, and it is what lets a graph past the
+2 GB protobuf limit be simplified at all.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from ..artifacts import onnx_input
 from ..cache import Entry
 from ..config import Strict
 from ..errors import StageError
-from ..onnx_files import MODEL, PROTOBUF_LIMIT, copy_onnx, onnx_bytes
+from ..onnx_files import EXTERNAL_DATA, MODEL, PROTOBUF_LIMIT, copy_data_file, copy_onnx, onnx_bytes
 from ..verify.result import Verification
 from .onnx_stage import OnnxStage
 
@@ -30,7 +36,7 @@ class SimplifyConfig(Strict):
 class SimplifyStage(OnnxStage):
     name = "simplify"
     Config: ClassVar[type] = SimplifyConfig
-    version = 2
+    version = 3
 
     @property
     def tools(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -52,6 +58,8 @@ class SimplifyStage(OnnxStage):
                                    "protobuf (2 GB at most); the graph is unchanged. Use tool: onnxslim"})
             copy_onnx(src.folder, out)
             proto = before
+        elif self.spec.tool == "onnxslim" and src.external:
+            proto = self._slim_graph_only(src.model, out)
         else:
             model = onnx.load(str(src.model))
             self.ctx.say(f"simplifying with {self.spec.tool}")
@@ -70,6 +78,25 @@ class SimplifyStage(OnnxStage):
             self.save_graph(proto, out, src.external)
         return self.finish(out, src.io, src, tool=self.spec.tool, nodes_before=nodes_before,
                            nodes=len(proto.graph.node), skipped=skipped)
+
+    def _slim_graph_only(self, src: Path, out: Path) -> Any:
+        import onnx
+        import onnxslim
+
+        light = onnx.load(str(src), load_external_data=False)
+        self.ctx.say("simplifying with onnxslim (graph only; the weights stay in their external data file)")
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                proto = onnxslim.slim(light)
+            except Exception as exc:
+                raise StageError(f"onnxslim failed on {src} (graph only): {exc}") from exc
+        locations = {e.value for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL
+                     for e in i.external_data if e.key == "location"}
+        if locations - {EXTERNAL_DATA}:
+            raise StageError(f"onnxslim left initializers pointing at {sorted(locations)}; expected {EXTERNAL_DATA}")
+        copy_data_file(src.parent / EXTERNAL_DATA, out / EXTERNAL_DATA)
+        onnx.save_model(proto, str(out / MODEL))
+        return proto
 
     def verify(self, parent: Entry | None, out: Path, meta: dict[str, Any]) -> Verification:
         v = self.verify_graph(out / MODEL, meta["io"], onnx_input(parent))

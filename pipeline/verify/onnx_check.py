@@ -42,6 +42,8 @@ def verify_onnx_lm(
         return verify_onnx_encoder(ctx, policy, model, settings, parent_model)
     spec = ctx.verify_spec
     ref = ctx.reference()
+    baseline = ctx.baseline_latency(settings.intra_op_threads)
+    ctx.release_models()  # PyTorch's outputs are kept; its weights are not held beside ONNX Runtime's
     ctx.say(f"verifying {model.name}: accuracy")
     try:
         runner = OrtLM(model, io, settings)
@@ -62,7 +64,6 @@ def verify_onnx_lm(
         latency = measure_latency(runner, ctx.latency_prompt(), spec.latency)
     finally:
         runner.close()
-    baseline = ctx.baseline_latency(settings.intra_op_threads)
     metrics.update(latency)
     metrics["threads"] = settings.intra_op_threads
     metrics["baseline_decode_tokens_per_s"] = baseline.get("decode_tokens_per_s")
