@@ -48,7 +48,7 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
 
     inits = {i.name: i for i in model.graph.initializer}
     wanted = set(nodes)
-    constants = {
+    constants: dict[str, np.ndarray] = {
         "ewpt/axes_last": np.array([-1], np.int64),
         "ewpt/inv_qmax": np.array(1.0 / ACT_QMAX, np.float32),
         "ewpt/tiny": np.array(1e-8, np.float32),
@@ -57,6 +57,10 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
         "ewpt/weight_zero_point": np.array(128, np.uint8),
     }
     added = [numpy_helper.from_array(v, k) for k, v in constants.items()]
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     activations: dict[str, tuple[str, str]] = {}
     replaced_weights: set[str] = set()
     rewritten: list[Any] = []
@@ -82,6 +86,9 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
             activations[x] = (f"{p}/q", f"{p}/scale")
         xq, xs = activations[x]
         q, s = weight_int8(numpy_helper.to_array(inits[w_name]), weight_qmax)
+        readers[w_name] -= 1
+        if readers[w_name] == 0:  # its last reader: free the FP32 weight now (the initializer is dropped below)
+            inits[w_name].ClearField("raw_data")
         wq, ws = f"{w_name}/int8_per_channel", f"{w_name}/int8_scale"
         if unsigned_weights:
             q = (q.astype(np.int16) + 128).astype(np.uint8)

@@ -90,18 +90,25 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
         else:
             factors[t] = smoothing_factors(act_absmax, w_absmax, alpha)
     consumer_of = {n: t for t, members in groups.items() for n in members}
+    readers: dict[str, int] = {}
+    for reader in model.graph.node:
+        for name in reader.input:
+            readers[name] = readers.get(name, 0) + 1
     rewritten, added, inserted, replaced = [], [], set(), set()
     for node in model.graph.node:
-        t = consumer_of.get(node.name)
-        if t is not None:
-            smoothed = f"{t}/smoothed"
-            if t not in inserted:
-                added.append(numpy_helper.from_array((1.0 / factors[t]).astype(np.float32), f"{t}/inverse_smoothing"))
-                rewritten.append(helper.make_node("Mul", [t, f"{t}/inverse_smoothing"], [smoothed],
+        group = consumer_of.get(node.name)
+        if group is not None:
+            smoothed = f"{group}/smoothed"
+            if group not in inserted:
+                added.append(numpy_helper.from_array((1.0 / factors[group]).astype(np.float32), f"{group}/inverse_smoothing"))
+                rewritten.append(helper.make_node("Mul", [group, f"{group}/inverse_smoothing"], [smoothed],
                                                   name=f"{node.name}/Smooth"))
-                inserted.add(t)
+                inserted.add(group)
             w_name = node.input[1]
-            w = numpy_helper.to_array(inits[w_name]).astype(np.float32) * factors[t][:, None]
+            w = numpy_helper.to_array(inits[w_name]).astype(np.float32) * factors[group][:, None]
+            readers[w_name] -= 1
+            if readers[w_name] == 0:  # its last reader: free the original now, not after every weight is copied
+                inits[w_name].ClearField("raw_data")
             new_name = f"{w_name}/smoothed" if w_name not in replaced else f"{w_name}/smoothed/{node.name}"
             added.append(numpy_helper.from_array(w, new_name))
             replaced.add(w_name)

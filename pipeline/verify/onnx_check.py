@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import StageError
+from ..memory import return_freed_memory
 from ..runtime.base import position_ids_from_mask
 from ..runtime.ort_lm import OrtLM, SessionSettings
 from .accuracy import check_accuracy
@@ -51,19 +52,20 @@ def verify_onnx_lm(
         raise StageError(f"ONNX Runtime cannot load {model}: {exc}") from exc
     try:
         metrics, failures = check_accuracy(runner, ref, policy)
-        if parent_model is not None:
-            parent = OrtLM(parent_model, parent_io or io, settings)
-            try:
-                mine = _padded_prefill(runner, ref.b2_ids, ref.b2_mask)
-                theirs = _padded_prefill(parent, ref.b2_ids, ref.b2_mask)
-                where = ref.b2_mask.astype(bool)
-                metrics["vs_previous_stage_max_abs_diff"] = float(np.abs(mine - theirs)[where].max())
-            finally:
-                parent.close()
+        mine = _padded_prefill(runner, ref.b2_ids, ref.b2_mask) if parent_model is not None else None
         ctx.say(f"verifying {model.name}: latency")
         latency = measure_latency(runner, ctx.latency_prompt(), spec.latency)
     finally:
         runner.close()
+        return_freed_memory()
+    if parent_model is not None:  # opened after this graph's session is closed: one copy of the weights at a time
+        parent = OrtLM(parent_model, parent_io or io, settings)
+        try:
+            theirs = _padded_prefill(parent, ref.b2_ids, ref.b2_mask)
+        finally:
+            parent.close()
+        where = ref.b2_mask.astype(bool)
+        metrics["vs_previous_stage_max_abs_diff"] = float(np.abs(mine - theirs)[where].max())
     metrics.update(latency)
     metrics["threads"] = settings.intra_op_threads
     metrics["baseline_decode_tokens_per_s"] = baseline.get("decode_tokens_per_s")
