@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_files import save_model
+from .onnx_files import replace_graph, save_model
 
 ACT_QMAX = 127.0
 
@@ -105,12 +105,7 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
             helper.make_node("Mul", [f"{y}/token_scaled", ws], [y], name=f"{p}/ChannelScale"),
         ]
         done += 1
-    still_used = {i for n in rewritten for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in replaced_weights or i.name in still_used]
-    del model.graph.node[:]
-    model.graph.node.extend(rewritten)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + added)
+    replace_graph(model, rewritten, replaced_weights, added)
     return {"matmuls": done, "activation_quantizers": len(activations), "weight_qmax": weight_qmax,
             "weights": "uint8" if unsigned_weights else "int8"}
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .activation_capture import capture_inputs
-from .onnx_files import save_model
+from .onnx_files import replace_graph, save_model
 
 
 def smoothing_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -114,12 +114,7 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
             replaced.add(w_name)
             node.input[0], node.input[1] = smoothed, new_name
         rewritten.append(node)
-    still_used = {i for n in rewritten for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_used]
-    del model.graph.node[:]
-    model.graph.node.extend(rewritten)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + added)
+    replace_graph(model, rewritten, replaced, added)
     save_model(model, dst, external)
     every = np.concatenate(list(factors.values())) if factors else np.ones(1, np.float32)
     if chosen:

@@ -48,3 +48,14 @@ def save_model(proto: Any, path: Path, external: bool) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
+
+
+def replace_graph(model: Any, nodes: list[Any], replaced: set[str], added: list[Any]) -> None:
+    """Give `model` (a ModelProto) the node list `nodes`: initializers named in `replaced` that no node reads
+    any more are dropped, and `added` are appended."""
+    still_used = {i for n in nodes for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_used]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + added)
