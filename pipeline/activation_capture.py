@@ -37,6 +37,7 @@ def capture_inputs(src: Path, io: dict[str, Any], tensors: list[str], windows: n
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(scratch / MODEL), sess_options=opts, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
+    past_dtype = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
     try:
         for row in windows:
             ids = row[None, :].astype(np.int64)
@@ -44,7 +45,7 @@ def capture_inputs(src: Path, io: dict[str, Any], tensors: list[str], windows: n
             feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask,
                                            "position_ids": position_ids_from_mask(mask)}
             for name in io.get("past_inputs", []):
-                feed[name] = np.zeros((1, io["kv_heads"], 0, io["head_dim"]), dtype=np.float32)
+                feed[name] = np.zeros((1, io["kv_heads"], 0, io["head_dim"]), dtype=past_dtype.get(name, np.float32))
             values = session.run(tensors, {k: v for k, v in feed.items() if k in wanted})
             yield {t: v.reshape(-1, v.shape[-1]) for t, v in zip(tensors, values)}
     finally:
