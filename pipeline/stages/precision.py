@@ -345,7 +345,8 @@ class PrecisionStage(OnnxStage):
 
         def quantize(selected: list[str]) -> Path:
             if reader is None:
-                self._int8_dynamic(qsrc, dst, selected, external, reduce_range)
+                self._int8_dynamic(qsrc, dst, selected, external, reduce_range,
+                                   meta["int8_kernels"]["weights"] == "uint8")
             else:
                 reader.rewind()
                 self._int8_qdq(qsrc, dst, reader, selected, external, reduce_range)
@@ -386,15 +387,14 @@ class PrecisionStage(OnnxStage):
             "trials": trials, "met": trials[-1]["calibration_kl_mean"] <= fallback.max_kl_mean}
         return [n for n in nodes if n not in kept]
 
-    def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool, reduce_range: bool) -> None:
+    def _int8_dynamic(self, src: Path, dst: Path, nodes: list[str], external: bool, reduce_range: bool,
+                      unsigned_weights: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         if self.spec.activations == "per-token":
             from ..int8_per_token import quantize_per_token
-            from ..target import int8_kernels
 
-            saturates = bool(self.spec.target == "cpu" and int8_kernels()["u8s8_saturates"])
-            quantize_per_token(src, dst, nodes, external, unsigned_weights=saturates)
+            quantize_per_token(src, dst, nodes, external, unsigned_weights=unsigned_weights)
             return
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=self.spec.per_channel,
