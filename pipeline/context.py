@@ -133,6 +133,21 @@ class RunContext:
         self._models.clear()
         return_freed_memory()
 
+    # what a stage run in a child process learned that later stages reuse (pipeline/isolation.py); models
+    # stay behind: every stage that needs one loads it in its own process
+    _PORTABLE = ("_tokenizers", "_references", "_task", "_baselines", "_gpu", "_model_dir")
+
+    def portable_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._PORTABLE}
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        for name in self._PORTABLE:
+            value = state[name]
+            if isinstance(value, dict):
+                getattr(self, name).update(value)
+            elif value is not None:
+                setattr(self, name, value)
+
     def reference(self):
         """PyTorch outputs on the verification cases, computed once per run and reference model."""
         path = self.source_path

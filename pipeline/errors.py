@@ -36,6 +36,9 @@ class VerificationError(EnginewrightError):
         self.metrics = metrics
         super().__init__(f"stage '{stage}' failed verification: " + "; ".join(failures))
 
+    def __reduce__(self):  # survives pickling (a stage run in a child process raises it in the parent)
+        return (type(self), (self.stage, self.failures, self.metrics), self.__dict__)
+
 
 class ResourceError(EnginewrightError):
     """This machine lacks what a stage needs (memory, disk); nothing was written."""

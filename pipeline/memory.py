@@ -72,6 +72,16 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (VmRSS); None where /proc is absent."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process since the last reset_peak_rss() (VmHWM), else since it started."""
     status = Path("/proc/self/status")

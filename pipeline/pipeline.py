@@ -18,7 +18,9 @@ from .cache import ArtifactCache, Entry
 from .context import RunContext
 from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
-from .memory import available_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss, return_freed_memory
+from . import isolation
+from .memory import (available_bytes, current_rss_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss,
+                     return_freed_memory)
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import load_stage_class, stage_class
 from .report import write_report
@@ -80,17 +82,24 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 class Pipeline:
     def __init__(self, recipe: LoadedRecipe, cache_dir: str | Path | None = None,
-                 say: Callable[[str], None] | None = None, gpu_probe: Callable[[], Any] | None = None):
+                 say: Callable[[str], None] | None = None, gpu_probe: Callable[[], Any] | None = None,
+                 isolate: bool | None = None):
         self.recipe = recipe
         self.cache = ArtifactCache(cache_root(cache_dir))
         self.say = say or (lambda msg: None)
         self.gpu_probe = gpu_probe  # injected GPU fingerprint (tests); pipeline.gpu.detect_gpu otherwise
+        # each stage built and verified in a process of its own, so what one stage's libraries never free
+        # does not stay resident through the next (pipeline/isolation.py); $ENGINEWRIGHT_IN_PROCESS=1 or
+        # isolate=False runs them in this process (what a test that monkeypatches a stage needs)
+        if isolate is None:
+            isolate = os.environ.get("ENGINEWRIGHT_IN_PROCESS", "") not in ("1", "true", "yes")
+        self.isolate = isolate
 
     @classmethod
     def from_recipe(cls, path: str | Path, cache_dir: str | Path | None = None,
                     say: Callable[[str], None] | None = None,
-                    gpu_probe: Callable[[], Any] | None = None) -> Pipeline:
-        return cls(load_recipe(path), cache_dir, say, gpu_probe)
+                    gpu_probe: Callable[[], Any] | None = None, isolate: bool | None = None) -> Pipeline:
+        return cls(load_recipe(path), cache_dir, say, gpu_probe, isolate)
 
     # ---- planning ----------------------------------------------------------------------
     def _stages(self, ctx: RunContext) -> list[Stage]:
@@ -177,12 +186,17 @@ class Pipeline:
         try:
             memory_check = (lambda stage: self._check_memory(stages[0], stage)) if check_memory else None
             estimate = lambda stage: self._peak_memory(stages[0], stage)  # noqa: E731
-            for stage in stages:
+            if self.gpu_probe is not None:
+                ctx.gpu()  # an injected probe cannot cross into a stage's process; its answer does
+            arrived: list[str] = []
+            for index, stage in enumerate(stages):
                 current = stage.name
-                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check, estimate)
+                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check, estimate,
+                                                 index, tuple(arrived))
                 results.append(result)
                 if parent is not None:
                     ctx.arrived(parent)  # later stages read it; it may name the model they are checked against
+                    arrived.append(parent.key)
                 if not result.verify["passed"]:
                     raise VerificationError(stage.name, result.verify["failures"], result.verify["metrics"])
         except EnginewrightError as exc:
@@ -203,7 +217,8 @@ class Pipeline:
 
     def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool,
                    memory_check: Callable[[Stage], None] | None,
-                   estimate: Callable[[Stage], int] | None = None) -> tuple[StageResult, Entry | None]:
+                   estimate: Callable[[Stage], int] | None = None, index: int = 0,
+                   upstream: tuple[str, ...] = ()) -> tuple[StageResult, Entry | None]:
         t0 = time.perf_counter()
         key = stage.key(parent.key if parent else None)
         entry = None if forced else self.cache.lookup(key)
@@ -217,11 +232,24 @@ class Pipeline:
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
                         return_freed_memory()  # what earlier stages freed is not counted as this one's
-                        windowed = reset_peak_rss()
-                        stage_meta, verification = self._build_and_verify(stage, parent, tmp)
+                        if self.isolate:
+                            job = isolation.StageJob(self.recipe, self.cache.root, index,
+                                                     parent.key if parent else None, upstream, tmp,
+                                                     stage.ctx.portable_state())
+                            (stage_meta, verification), learned, child = isolation.run_in_child(
+                                job, self.say, f"stage '{stage.name}'")
+                            stage.ctx.absorb(learned)
+                            peak, start_rss, windowed = (child["peak_rss_bytes"], child["start_rss_bytes"],
+                                                         child["windowed"])
+                        else:
+                            windowed = reset_peak_rss()
+                            start_rss = current_rss_bytes()  # what the process already held: imports, earlier stages
+                            stage_meta, verification = self._build_and_verify(stage, parent, tmp)
+                            peak = peak_rss_bytes()
                         seconds = time.perf_counter() - t0
-                        memory = {"peak_rss_bytes": peak_rss_bytes(),
+                        memory = {"peak_rss_bytes": peak, "start_rss_bytes": start_rss,
                                   "scope": "this stage's build and verification" if windowed else "the process",
+                                  "process": "its own" if self.isolate else "the run's",
                                   "estimate_bytes": estimate(stage) if estimate is not None else None}
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached

@@ -102,8 +102,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     measured = [s for s in report["stages"] if s.get("memory")]
     if measured:
         lines += ["", "## Memory (peak RSS while the stage was built and verified, against plan's estimate)", ""]
-        lines += _table(["stage", "peak RSS GB", "plan estimate GB", "measured / estimate", "built in this run"],
+        lines += _table(["stage", "peak RSS GB", "held at start GB", "plan estimate GB", "measured / estimate",
+                         "built in this run"],
                         [[s["name"], f"{m['peak_rss_bytes'] / 1e9:.2f}",
+                          "–" if not m.get("start_rss_bytes") else f"{m['start_rss_bytes'] / 1e9:.2f}",
                           "–" if not m.get("estimate_bytes") else f"{m['estimate_bytes'] / 1e9:.2f}",
                           "–" if not m.get("estimate_bytes") else f"{m['peak_rss_bytes'] / m['estimate_bytes']:.2f}",
                           "no (cached)" if s["cached"] else "yes"]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Stages run in this process in tests (a monkeypatch reaches them, and no stage pays a fresh interpreter's
+# imports); tests/test_isolation.py and tests/test_scale.py run them in processes of their own, as the CLI does.
+os.environ.setdefault("ENGINEWRIGHT_IN_PROCESS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "models" / "tiny-llama"
