@@ -74,7 +74,7 @@ def _child(job: StageJob, conn: Any) -> None:
         parent = pipe.cache.lookup(job.parent_key) if job.parent_key else None
         value = pipe._build_and_verify(stage, parent, job.tmp)
         payload: tuple = ("ok", value, ctx.portable_state())
-    except BaseException as exc:  # noqa: BLE001 (everything goes back to the parent, which decides)
+    except BaseException as exc:
         payload = ("error", _portable(exc), None)
     memory = {"peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": start, "windowed": windowed}
     try:

@@ -14,13 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import isolation
 from .cache import ArtifactCache, Entry
 from .context import RunContext
 from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
-from . import isolation
-from .memory import (available_bytes, current_rss_bytes, gib, peak_bytes, peak_rss_bytes, reset_peak_rss,
-                     return_freed_memory)
+from .memory import (
+    available_bytes,
+    current_rss_bytes,
+    gib,
+    peak_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+    return_freed_memory,
+)
 from .recipe import STAGE_ORDER, LoadedRecipe, load_recipe
 from .registry import load_stage_class, stage_class
 from .report import write_report

@@ -78,7 +78,7 @@ def test_a_stage_process_killed_is_a_stage_error_and_caches_nothing(tmp_path):
     def run() -> None:
         try:
             Pipeline.from_recipe(recipe, cache_dir=cache, isolate=True).run()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             caught.append(exc)
 
     worker = threading.Thread(target=run)
