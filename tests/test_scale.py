@@ -56,7 +56,8 @@ verify:
   eval_window_tokens: 32
   latency: {{warmup: 1, repeats: 1, prompt_tokens: 16, decode_tokens: 4}}
 """)
-    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache").run()
+    # each stage in a process of its own, as the command line runs them: the peaks are the stages' own
+    result = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache", isolate=True).run()
     assert result.ok
     for name in ("export", "simplify", "precision", "engine"):
         stage = result.stage(name)
@@ -72,5 +73,7 @@ verify:
     for name in ("precision", "engine"):  # INT8: near PyTorch's distribution (random weights: a loose bound)
         assert result.stage(name).verify["metrics"]["kl_mean"] <= 0.05, name
     report = json.loads((result.run_dir / "report.json").read_text())
-    peaks = {s["name"]: s["memory"]["peak_rss_bytes"] / 1e9 for s in report["stages"]}
-    print("peak RSS GB per stage:", peaks)
+    peaks = {s["name"]: round(s["memory"]["peak_rss_bytes"] / 1e9, 2) for s in report["stages"]}
+    starts = {s["name"]: round(s["memory"]["start_rss_bytes"] / 1e9, 2) for s in report["stages"]}
+    seconds = {s["name"]: s["build_seconds"] for s in report["stages"]}
+    print("peak RSS GB per stage:", peaks, "at start:", starts, "seconds:", seconds)
