@@ -26,11 +26,15 @@ plan: $(STAMP)
 	$(BIN)/enginewright plan $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real and not scale" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not real and not scale and not heavy" $(PYTEST_ARGS)
 
 # the recipes on a real pretrained model (SmolLM2-135M from a GGUF in a PyPI package), end to end
 test-real: $(STAMP)
-	$(BIN)/python -m pytest -q -m real $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "real and not heavy" $(PYTEST_ARGS)
+
+# real-model checks that take minutes of quantization each (SmoothQuant and bitsandbytes on SmolLM2): not in CI
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy $(PYTEST_ARGS)
 
 # a generated 0.73 B-parameter model (2.9 GB of FP32 weights) past the 2 GB protobuf limit, every ONNX stage
 test-scale: $(STAMP)

@@ -128,3 +128,41 @@ def test_int8_dynamic_for_a_cpu_whose_u8s8_kernels_saturate(cache, monkeypatch):
     assert kernels["weights"] == "uint8" and kernels["reduce_range"] is False
     if not real["u8s8_saturates"]:
         assert not result.stage("precision").cached  # not served the graph made for this CPU's kernels
+
+
+def test_gptq_w4_beats_rtn_at_the_same_bits_group_and_symmetry(cache):
+    """The quality goal: GPTQ's KL against the original at most 0.7x RTN's (both W4, group 64, asymmetric;
+    64 is not the GGUF's Q4_1 grid of 32, so the methods are measured, not the fixture)."""
+    rtn = run("smollm2-rtn-int4.yaml", cache).stage("quantize")  # cached from the RTN test when it ran first
+    # up to the quantize stage: its lowering into MatMulNBits is the RTN recipe's (tested above) with other
+    # integers, and the tiny model's GPTQ recipe tests it end to end; CI's time budget takes the rest
+    result = Pipeline.from_recipe(ROOT / "recipes" / "smollm2-gptq-int4.yaml", cache_dir=cache).run(until="quantize")
+    assert result.ok
+    gptq = result.stage("quantize")
+    for stage in (rtn, gptq):
+        q = stage.meta["quantization"]
+        assert (q["bits"], q["group_size"], q["symmetric"]) == (4, 64, False)
+    assert gptq.meta["quantization"]["method"] == "gptq"
+    assert gptq.verify["metrics"]["kl_mean"] <= 0.7 * rtn.verify["metrics"]["kl_mean"], \
+        (gptq.verify["metrics"]["kl_mean"], rtn.verify["metrics"]["kl_mean"])
+
+
+@pytest.mark.heavy
+def test_bitsandbytes_nf4_checkpoint_of_the_real_model(cache):
+    result = run("smollm2-bnb-nf4.yaml", cache)
+    m = result.stage("quantize").verify["metrics"]
+    assert m["kl_mean"] <= 0.5 and m["top1_agreement"] >= 0.6, m
+
+
+@pytest.mark.heavy
+def test_smoothquant_w8a8_beats_plain_w8a8_with_the_same_calibration(cache, tmp_path):
+    import yaml
+
+    smoothed = run("smollm2-smoothquant-w8a8.yaml", cache).stage("quantize").verify["metrics"]
+    data = yaml.safe_load((ROOT / "recipes" / "smollm2-smoothquant-w8a8.yaml").read_text())
+    data["name"] = "smollm2-w8a8-plain"
+    data["stages"][0]["alpha"] = None  # the same method, calibration and gates, with no smoothing
+    plain_recipe = tmp_path / "plain.yaml"
+    plain_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    plain = Pipeline.from_recipe(plain_recipe, cache_dir=cache).run().stage("quantize").verify["metrics"]
+    assert smoothed["kl_mean"] < plain["kl_mean"], (smoothed["kl_mean"], plain["kl_mean"])
