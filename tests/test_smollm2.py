@@ -161,7 +161,9 @@ def test_smoothquant_w8a8_beats_plain_w8a8_with_the_same_calibration(cache, tmp_
     smoothed = run("smollm2-smoothquant-w8a8.yaml", cache).stage("quantize").verify["metrics"]
     data = yaml.safe_load((ROOT / "recipes" / "smollm2-smoothquant-w8a8.yaml").read_text())
     data["name"] = "smollm2-w8a8-plain"
-    data["stages"][0]["alpha"] = None  # the same method, calibration and gates, with no smoothing
+    data["stages"][0]["alpha"] = None  # the same method and calibration, with no smoothing
+    # plain W8A8 misses any useful gate on this model (KL 0.91 measured): the comparison is the check here
+    data["stages"][0]["verify"] = {"max_kl_mean": 10.0, "min_top1_agreement": 0.0, "max_perplexity_increase": 100.0}
     plain_recipe = tmp_path / "plain.yaml"
     plain_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     plain = Pipeline.from_recipe(plain_recipe, cache_dir=cache).run().stage("quantize").verify["metrics"]
