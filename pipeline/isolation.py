@@ -6,9 +6,12 @@ fragmented heap, quantization libraries keep caches). In one process that memory
 later stage. A child process takes it with it when it exits, so a stage starts from a fresh interpreter
 and its peak is its own.
 
-The child is spawned (a fresh interpreter), not forked: a fork of a process whose thread pools have run
-(PyTorch's OpenMP workers after any parallel op, ONNX Runtime's) hangs in the child the first time it waits
-on them (measured: the first parallel torch op in a forked child deadlocks). The child rebuilds the
+The child is a fresh interpreter, not a fork: a fork of a process whose thread pools have run (PyTorch's
+OpenMP workers after any parallel op, ONNX Runtime's) hangs in the child the first time it waits on them
+(measured: the first parallel torch op in a forked child deadlocks). Nor is it multiprocessing's spawn,
+which re-runs the caller's main script in the child: a script that calls `Pipeline(...).run()` without an
+`if __name__ == "__main__":` guard would run again there and wait forever on the cache lock its parent
+holds (measured). The child is `python -c` importing this module, fed the job over a pipe. It rebuilds the
 pipeline from the recipe, looks up the upstream entries in the cache, and runs the one stage; what it
 learned that later stages reuse (the PyTorch reference outputs, baselines, the tokenizer) comes back with
 the result, and its progress messages come back as they are said. Models never cross.
@@ -19,8 +22,11 @@ runs pass isolate=False, or set ENGINEWRIGHT_IN_PROCESS=1.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,39 +92,61 @@ def _child(job: StageJob, conn: Any) -> None:
         conn.close()
 
 
+_FDS = "ENGINEWRIGHT_STAGE_FDS"
+
+
+def child_main() -> None:
+    """The child's entry point: read (sys.path, job) from the job pipe, run it, answer on the result pipe."""
+    from multiprocessing.connection import Connection
+
+    job_fd, result_fd = (int(fd) for fd in os.environ.pop(_FDS).split(","))
+    with Connection(job_fd, writable=False) as jobs:
+        path, job = jobs.recv()
+    sys.path[:] = path
+    _child(job, Connection(result_fd, readable=False))
+
+
 def run_in_child(job: StageJob, say: Any, what: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Run the job in a spawned child; return (its value, what its context learned, its memory figures).
+    """Run the job in a fresh interpreter; return (its value, what its context learned, its memory figures).
     An exception in the child is raised here; a child that dies without a word (killed for memory, a crash
     in native code) is a StageError naming how it ended."""
-    import multiprocessing
+    from multiprocessing.connection import Connection
 
-    mp = multiprocessing.get_context("spawn")
-    recv, send = mp.Pipe(duplex=False)
-    child = mp.Process(target=_child, args=(job, send), name=f"enginewright-{what}")
-    child.start()
-    send.close()
+    job_read, job_write = os.pipe()
+    result_read, result_write = os.pipe()
+    here = str(Path(__file__).resolve().parents[1])  # the folder this package is imported from
+    env = {**os.environ, _FDS: f"{job_read},{result_write}",
+           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        child = subprocess.Popen([sys.executable, "-B", "-c", "from pipeline.isolation import child_main; child_main()"],
+                                 pass_fds=(job_read, result_write), env=env)
+    finally:
+        os.close(job_read)
+        os.close(result_write)
+    recv = Connection(result_read, writable=False)
     try:
         try:
+            with Connection(job_write, readable=False) as jobs:
+                jobs.send((list(sys.path), job))
             while True:
                 message = recv.recv()
                 if message[0] != "say":
                     break
                 say(message[1])
-        except EOFError:
-            child.join()
-            code = child.exitcode
-            died = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        except (EOFError, BrokenPipeError):
+            code = child.wait()
+            died = f"signal {-code}" if code < 0 else f"exit code {code}"
             hint = " (SIGKILL: most often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
             raise StageError(f"{what}: its process ended with {died}{hint} before reporting a result; nothing "
                              "was cached for this stage") from None
     except BaseException:
-        if child.is_alive():
+        if child.poll() is None:
             child.terminate()
-        child.join()
+        child.wait()
         raise
     finally:
         recv.close()
-    child.join()
+    child.wait()
     kind, value, learned, memory = message
     if kind == "error":
         raise value

@@ -55,6 +55,22 @@ def test_each_stage_starts_from_a_fresh_process_and_the_run_holds_no_model(tmp_p
     assert shared["grew"] > isolated["grew"] + 100e6
 
 
+def test_a_script_without_a_main_guard_runs_isolated_stages(tmp_path):
+    """A plain script that calls the API at module level (no `if __name__ == "__main__":`): a stage process
+    must not run the script again (multiprocessing's spawn would, and wait forever on the run's cache lock)."""
+    recipe = write_recipe(tmp_path / "r.yaml", SHIPPED_MODEL, verify=VERIFY)
+    script = tmp_path / "convert.py"
+    script.write_text("from pipeline import Pipeline\n"
+                      f"result = Pipeline.from_recipe({str(recipe)!r}, cache_dir={str(tmp_path / 'cache')!r}, "
+                      "isolate=True).run(until='export')\n"
+                      "print('RUNS', result.ok)\n")
+    env = {k: v for k, v in os.environ.items() if k != "ENGINEWRIGHT_IN_PROCESS"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("RUNS") == 1 and "RUNS True" in out.stdout
+
+
 def _children() -> list[int]:
     me = str(os.getpid())
     found = []
