@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_files import replace_graph, save_model
+from .onnx_files import replace_graph
+from .onnx_stream import GraphWeights, WeightWriter
 
 ACT_QMAX = 127.0
 
@@ -41,12 +42,14 @@ def weight_int8(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
+def rewrite_per_token(graph: GraphWeights, writer: WeightWriter, nodes: list[str], weight_qmax: int = 127,
                       unsigned_weights: bool = False) -> dict[str, Any]:
-    """Rewrite `model` (an onnx ModelProto with its weights loaded) in place; returns what was done."""
-    from onnx import TensorProto, helper, numpy_helper
+    """Rewrite `graph`'s model in place, its new weights written by `writer` as they are made; returns what
+    was done."""
+    from onnx import TensorProto, helper
 
-    inits = {i.name: i for i in model.graph.initializer}
+    model = graph.model
+    inits = graph.initializers()
     wanted = set(nodes)
     constants: dict[str, np.ndarray] = {
         "ewpt/axes_last": np.array([-1], np.int64),
@@ -56,11 +59,7 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
         "ewpt/offset": np.array(128.0, np.float32),
         "ewpt/weight_zero_point": np.array(128, np.uint8),
     }
-    added = [numpy_helper.from_array(v, k) for k, v in constants.items()]
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    added = [writer.tensor(v, k) for k, v in constants.items()]
     activations: dict[str, tuple[str, str]] = {}
     replaced_weights: set[str] = set()
     rewritten: list[Any] = []
@@ -85,15 +84,12 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
             ]
             activations[x] = (f"{p}/q", f"{p}/scale")
         xq, xs = activations[x]
-        q, s = weight_int8(numpy_helper.to_array(inits[w_name]), weight_qmax)
-        readers[w_name] -= 1
-        if readers[w_name] == 0:  # its last reader: free the FP32 weight now (the initializer is dropped below)
-            inits[w_name].ClearField("raw_data")
+        q, s = weight_int8(graph.array(inits[w_name]), weight_qmax)
         wq, ws = f"{w_name}/int8_per_channel", f"{w_name}/int8_scale"
         if unsigned_weights:
             q = (q.astype(np.int16) + 128).astype(np.uint8)
         if w_name not in replaced_weights:
-            added += [numpy_helper.from_array(q, wq), numpy_helper.from_array(s, ws)]
+            added += [writer.tensor(q, wq), writer.tensor(s, ws)]
             replaced_weights.add(w_name)
         y, p = node.output[0], node.name
         rewritten += [
@@ -112,9 +108,12 @@ def rewrite_per_token(model: Any, nodes: list[str], weight_qmax: int = 127,
 
 def quantize_per_token(src: Path, dst: Path, nodes: list[str], external: bool,
                        unsigned_weights: bool = False) -> dict[str, Any]:
-    import onnx
-
-    model = onnx.load(str(src))
-    info = rewrite_per_token(model, nodes, 127, unsigned_weights)
-    save_model(model, dst, external)
+    graph = GraphWeights(src)
+    writer = WeightWriter(dst.parent, external)
+    try:
+        info = rewrite_per_token(graph, writer, nodes, 127, unsigned_weights)
+        writer.save(graph.model, graph)
+    finally:
+        writer.close()
+        graph.close()
     return info

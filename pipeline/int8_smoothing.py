@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from .activation_capture import capture_inputs
-from .onnx_files import replace_graph, save_model
+from .onnx_files import replace_graph
+from .onnx_stream import GraphWeights, WeightWriter
 
 
 def smoothing_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -60,7 +61,7 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
     """Write the smoothed FP32 graph of `src` to `dst`; return what was done. With `alpha` None each input
     group takes the alpha of ALPHA_GRID that gives its outputs the least INT8 error on the windows."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     light = onnx.load(str(src), load_external_data=False)
     by_name = {n.name: n for n in light.graph.node}
@@ -73,13 +74,15 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
         for t, v in values.items():
             rows[t].append(v.astype(np.float32))
 
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
+    graph = GraphWeights(src)  # the weights are read one at a time and the new ones written as they are made
+    model = graph.model
+    inits = graph.initializers()
+    writer = WeightWriter(dst.parent, external)
     factors: dict[str, np.ndarray] = {}
     chosen: list[float] = []
     for t, members in groups.items():
         x = np.concatenate(rows.pop(t))
-        weights = [numpy_helper.to_array(inits[by_name[n].input[1]]).astype(np.float32) for n in members]
+        weights = [graph.array(inits[by_name[n].input[1]]).astype(np.float32) for n in members]
         act_absmax = np.abs(x).max(axis=0)
         w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         if alpha is None:
@@ -89,33 +92,29 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
             factors[t] = trials[best]
         else:
             factors[t] = smoothing_factors(act_absmax, w_absmax, alpha)
+        del x, weights
     consumer_of = {n: t for t, members in groups.items() for n in members}
-    readers: dict[str, int] = {}
-    for reader in model.graph.node:
-        for name in reader.input:
-            readers[name] = readers.get(name, 0) + 1
     rewritten, added, inserted, replaced = [], [], set(), set()
     for node in model.graph.node:
         group = consumer_of.get(node.name)
         if group is not None:
             smoothed = f"{group}/smoothed"
             if group not in inserted:
-                added.append(numpy_helper.from_array((1.0 / factors[group]).astype(np.float32), f"{group}/inverse_smoothing"))
+                added.append(writer.tensor((1.0 / factors[group]).astype(np.float32), f"{group}/inverse_smoothing"))
                 rewritten.append(helper.make_node("Mul", [group, f"{group}/inverse_smoothing"], [smoothed],
                                                   name=f"{node.name}/Smooth"))
                 inserted.add(group)
             w_name = node.input[1]
-            w = numpy_helper.to_array(inits[w_name]).astype(np.float32) * factors[group][:, None]
-            readers[w_name] -= 1
-            if readers[w_name] == 0:  # its last reader: free the original now, not after every weight is copied
-                inits[w_name].ClearField("raw_data")
+            w = graph.array(inits[w_name]).astype(np.float32) * factors[group][:, None]
             new_name = f"{w_name}/smoothed" if w_name not in replaced else f"{w_name}/smoothed/{node.name}"
-            added.append(numpy_helper.from_array(w, new_name))
+            added.append(writer.tensor(w, new_name))
+            del w
             replaced.add(w_name)
             node.input[0], node.input[1] = smoothed, new_name
         rewritten.append(node)
     replace_graph(model, rewritten, replaced, added)
-    save_model(model, dst, external)
+    writer.save(model, graph)
+    graph.close()
     every = np.concatenate(list(factors.values())) if factors else np.ones(1, np.float32)
     if chosen:
         values, counts = np.unique(np.array(chosen), return_counts=True)

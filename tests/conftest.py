@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,21 @@ def shipped_run(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache-shipped")
     result = Pipeline.from_recipe(DEFAULT_RECIPE, cache_dir=cache).run()
     return result, cache
+
+
+@pytest.fixture(scope="session")
+def method_cli(tmp_path_factory):
+    """`run <recipe> --json --until quantize` through the command line, once per shipped method recipe, all into
+    one cache: tests/test_failures.py checks their stdout, tests/test_quant_methods.py builds on their entries."""
+    cache = tmp_path_factory.mktemp("method-cache")
+    done: dict[str, subprocess.CompletedProcess] = {}
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        if name not in done:
+            done[name] = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "recipes" / name),
+                                         "--json", "--until", "quantize", "--cache-dir", str(cache)],
+                                        capture_output=True, text=True, cwd=cache.parent, timeout=1200)
+        return done[name]
+
+    run.cache = cache  # type: ignore[attr-defined]
+    return run

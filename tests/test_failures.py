@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ from pipeline import Pipeline
 from pipeline.errors import StageError
 from pipeline.logs import stdout_to_stderr
 
-from .conftest import ROOT, write_recipe
+from .conftest import write_recipe
 
 
 def test_stdout_to_stderr_moves_file_descriptor_writes_too(capfd):
@@ -68,11 +66,9 @@ METHOD_RECIPES = ["tiny-llama-rtn-w4.yaml", "tiny-llama-gptq-w4.yaml", "tiny-lla
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHOD_RECIPES, ids=[n.removeprefix("tiny-llama-").removesuffix(".yaml")
                                                       for n in METHOD_RECIPES])
-def test_run_json_prints_one_document_whatever_the_method_prints(name, tmp_path):
+def test_run_json_prints_one_document_whatever_the_method_prints(name, method_cli):
     """GPT-QModel printed its banner and INFO lines on stdout, so `run --json` could not be parsed."""
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "recipes" / name), "--json",
-                          "--until", "quantize", "--cache-dir", str(tmp_path / "cache")],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = method_cli(name)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert report["status"] == "ok" and report["stages"][-1]["name"] == "quantize"

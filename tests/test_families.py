@@ -66,6 +66,12 @@ VERIFY = """
 """
 
 
+# FP16 and INT8 are graph rewrites of the exported MatMuls, norms and softmax; they are checked on the families
+# whose graphs differ there (GQA with RMSNorm, partial rotary with LayerNorm and a parallel block, Gemma's
+# offset norms with soft-capping and sliding windows, GPT-2's fused QKV Conv1D), not on all fourteen.
+PRECISION_VARIANTS = ("llama-gqa", "phi", "gemma2-sliding", "gpt2")
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_family_parity_through_the_engine(variant, tmp_path):
     model_type, config_class, overrides = VARIANTS[variant]
@@ -79,6 +85,8 @@ def test_family_parity_through_the_engine(variant, tmp_path):
         assert m["greedy_tokens_matched"] == m["greedy_tokens_total"] == 24
         assert m["prefill_max_abs_diff"] <= 1e-4 and m["decode_max_abs_diff"] <= 1e-4
 
+    if variant not in PRECISION_VARIANTS:
+        return
     # precision on the same export (a cache hit up to simplify). Random weights give near-flat
     # next-token distributions, so top-1 is meaningless here: KL against PyTorch is the check.
     for mode, max_kl in (("fp16", 1e-4), ("int8-dynamic", 5e-3)):

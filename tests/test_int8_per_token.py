@@ -8,8 +8,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from pipeline.int8_per_token import rewrite_per_token, weight_int8  # noqa: E402
+from pipeline.int8_per_token import quantize_per_token, weight_int8  # noqa: E402
 from pipeline.int8_smoothing import smoothing_factors  # noqa: E402
+from pipeline.onnx_files import save_model  # noqa: E402
 
 
 def two_matmuls(w1: np.ndarray, w2: np.ndarray):
@@ -39,14 +40,18 @@ def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (xq.astype(np.float64) @ q.astype(np.float64)) * scale * ws
 
 
-@pytest.mark.parametrize("unsigned", [False, True])
-def test_per_token_graph_computes_the_integer_arithmetic_exactly(unsigned):
+@pytest.mark.parametrize("unsigned,external", [(False, True), (True, True), (False, False)])
+def test_per_token_graph_computes_the_integer_arithmetic_exactly(unsigned, external, tmp_path):
     rng = np.random.default_rng(0)
     w1, w2 = rng.normal(size=(64, 48)).astype(np.float32), rng.normal(size=(64, 32)).astype(np.float32)
     x = rng.normal(size=(2, 5, 64)).astype(np.float32)
     x[0, 2] *= 300.0  # one token with a massive activation: per token, the other tokens keep their grid
-    model = two_matmuls(w1, w2)
-    info = rewrite_per_token(model, ["mm1", "mm2"], unsigned_weights=unsigned)
+    save_model(two_matmuls(w1, w2), tmp_path / "src" / "model.onnx", external) if (tmp_path / "src").mkdir() is None \
+        else None
+    dst = tmp_path / "dst" / "model.onnx"
+    info = quantize_per_token(tmp_path / "src" / "model.onnx", dst, ["mm1", "mm2"], external, unsigned_weights=unsigned)
+    assert (dst.parent / "model.onnx.data").is_file() == external  # written tensor by tensor beside the graph
+    model = onnx.load(str(dst))
     assert info == {"matmuls": 2, "activation_quantizers": 1, "weight_qmax": 127,
                     "weights": "uint8" if unsigned else "int8"}
     types = [n.op_type for n in model.graph.node]

@@ -21,6 +21,8 @@ from .conftest import ROOT, SHIPPED_MODEL, write_recipe
 
 VERIFY = "\n  greedy_tokens: 4\n  latency: {warmup: 0, repeats: 1, prompt_tokens: 8, decode_tokens: 2}\n"
 
+# a plain script calling the API at module level, no `if __name__ == "__main__":` guard: a stage process must not
+# run it again (multiprocessing's spawn would, and wait forever on the run's cache lock)
 DRIVER = """
 import json, os, sys
 def rss():
@@ -36,10 +38,14 @@ print(json.dumps({"ok": result.ok, "torch_imported": "torch" in sys.modules, "gr
 def _drive(tmp_path: Path, isolate: bool) -> dict:
     recipe = write_recipe(tmp_path / "r.yaml", SHIPPED_MODEL, verify=VERIFY)
     env = {k: v for k, v in os.environ.items() if k != "ENGINEWRIGHT_IN_PROCESS"}
-    out = subprocess.run([sys.executable, "-c", DRIVER, str(recipe), str(tmp_path / f"cache{int(isolate)}"),
+    script = tmp_path / "convert.py"
+    script.write_text(DRIVER)
+    out = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / f"cache{int(isolate)}"),
                           "1" if isolate else "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [line for line in out.stdout.splitlines() if line.startswith('{"ok"')]
+    assert len(lines) == 1, out.stdout[-3000:]  # the script ran once, not again in a stage's process
+    return json.loads(lines[0])
 
 
 def test_each_stage_starts_from_a_fresh_process_and_the_run_holds_no_model(tmp_path):
@@ -53,22 +59,6 @@ def test_each_stage_starts_from_a_fresh_process_and_the_run_holds_no_model(tmp_p
     assert shared["torch_imported"] and shared["memory"]["engine"]["process"] == "the run's"
     assert shared["memory"]["engine"]["start_rss_bytes"] > 2 * isolated["memory"]["engine"]["start_rss_bytes"]
     assert shared["grew"] > isolated["grew"] + 100e6
-
-
-def test_a_script_without_a_main_guard_runs_isolated_stages(tmp_path):
-    """A plain script that calls the API at module level (no `if __name__ == "__main__":`): a stage process
-    must not run the script again (multiprocessing's spawn would, and wait forever on the run's cache lock)."""
-    recipe = write_recipe(tmp_path / "r.yaml", SHIPPED_MODEL, verify=VERIFY)
-    script = tmp_path / "convert.py"
-    script.write_text("from pipeline import Pipeline\n"
-                      f"result = Pipeline.from_recipe({str(recipe)!r}, cache_dir={str(tmp_path / 'cache')!r}, "
-                      "isolate=True).run(until='export')\n"
-                      "print('RUNS', result.ok)\n")
-    env = {k: v for k, v in os.environ.items() if k != "ENGINEWRIGHT_IN_PROCESS"}
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("RUNS") == 1 and "RUNS True" in out.stdout
 
 
 def _children() -> list[int]:

@@ -71,9 +71,12 @@ def test_awq_gemm_layout_reads_back():
 # -- the methods on the shipped model ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """RTN, GPTQ and AWQ W4 g128 asymmetric, evaluated on the same held-out windows (one cache)."""
-    cache = tmp_path_factory.mktemp("quant-cache")
+def runs(method_cli):
+    """RTN, GPTQ and AWQ W4 g128 asymmetric, evaluated on the same held-out windows (one cache). Their quantize
+    stages are the command line's runs of tests/test_failures.py (the same cache), so each method runs once."""
+    cache = method_cli.cache
+    for method in ("rtn", "gptq", "awq"):
+        assert method_cli(f"tiny-llama-{method}-w4.yaml").returncode == 0
     out = {"rtn": Pipeline.from_recipe(RECIPES / "tiny-llama-rtn-w4.yaml", cache_dir=cache).run(until="quantize")}
     for method in ("gptq", "awq"):
         out[method] = Pipeline.from_recipe(RECIPES / f"tiny-llama-{method}-w4.yaml", cache_dir=cache).run()
