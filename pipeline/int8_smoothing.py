@@ -92,7 +92,6 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
             factors[t] = trials[best]
         else:
             factors[t] = smoothing_factors(act_absmax, w_absmax, alpha)
-        del x, weights
     consumer_of = {n: t for t, members in groups.items() for n in members}
     rewritten, added, inserted, replaced = [], [], set(), set()
     for node in model.graph.node:

@@ -1,11 +1,15 @@
 """Peak-memory estimates, so a model too large for this machine is refused by `plan` and
 before a stage starts, not discovered by an out-of-memory kill.
 
-An estimate is a fixed runtime overhead (torch, transformers and ONNX Runtime imported) plus
-a multiple of the model's weights held in float32, the dtype every stage loads the PyTorch
-model in today. Each stage declares its multiple (`Stage.memory_factor`): export holds the
-model, its traced program and the ONNX graph at once; verification holds the PyTorch
-reference and an ONNX Runtime session.
+Each stage runs in a process of its own (pipeline/isolation.py), so its estimate is its own: a fixed
+runtime overhead (the libraries its process imports) plus a multiple (`Stage.memory_factor`) of the weights it works
+on, which are the model's in float32 (the dtype the PyTorch model is loaded in) or, for a stage reading an
+ONNX graph (`memory_basis = "graph"`), the graph's weights: float32 until a precision stage has lowered
+them, then that precision's bytes (pipeline/sizing.py). The first stage built that verifies against
+PyTorch's outputs (`reads_reference`) loads the reference model to compute them, which adds the float32
+model once more; later stages reuse those outputs. A stage that changes the reference model (quantize)
+makes the next one compute them again. `MemoryPlan` walks a recipe's stages in that order; the factors
+were measured on a 0.73 B model (README, "Past 2 GB").
 """
 
 from __future__ import annotations
@@ -16,11 +20,55 @@ from typing import Any
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
 
 
-RUNTIME_OVERHEAD_BYTES = 1024**3
+RUNTIME_OVERHEAD_BYTES = 1024**3  # a stage process with PyTorch and transformers imported
+ONNX_OVERHEAD_BYTES = 300 * 1024**2  # one with ONNX and ONNX Runtime only
 
 
-def peak_bytes(model_info: dict[str, Any], factor: float) -> int:
-    return RUNTIME_OVERHEAD_BYTES + int(fp32_weight_bytes(model_info) * factor)
+REFERENCE_FACTOR = 1.0  # the PyTorch model loaded once more to compute the reference outputs
+
+
+def lowered_fraction(model_info: dict[str, Any], mode: str) -> float:
+    """The bytes of a graph lowered to `mode`, as a fraction of its float32 bytes (LLaMA layout counts from
+    the config; a fixed share where the config cannot be read)."""
+    import json
+
+    from .sizing import BYTES, engine_weight_bytes, parameter_count
+
+    try:
+        config = json.loads((Path(model_info["path"]) / "config.json").read_text())
+        params = parameter_count(config, model_info["geometry"])
+        return engine_weight_bytes(params, mode) / max(params.total * BYTES["fp32"], 1)
+    except (KeyError, OSError, ValueError, TypeError):
+        return {"fp16": 0.5, "int8-dynamic": 0.3, "int8-qdq": 0.3, "int4": 0.2}.get(mode, 1.0)
+
+
+class MemoryPlan:
+    """The estimate of each stage of one run, in order: `estimate(stage)` before it, `passed(stage, built)`
+    after it."""
+
+    def __init__(self, model_info: dict[str, Any]) -> None:
+        self.info = model_info
+        self.fp32 = fp32_weight_bytes(model_info)
+        self.graph_fraction = 1.0
+        self.reference_pending = True
+
+    def estimate(self, stage: Any) -> int:
+        basis = self.fp32 * (self.graph_fraction if stage.memory_basis == "graph" else 1.0)
+        overhead = stage.memory_overhead
+        reference = 0.0
+        if stage.reads_reference and self.reference_pending:  # PyTorch imported and the model loaded
+            reference = self.fp32 * REFERENCE_FACTOR
+            overhead = max(overhead, RUNTIME_OVERHEAD_BYTES)
+        return int(overhead + basis * stage.memory_factor + reference)
+
+    def passed(self, stage: Any, built: bool) -> None:
+        if stage.reads_reference and built:
+            self.reference_pending = False
+        if stage.changes_reference:
+            self.reference_pending = True
+        mode = getattr(stage.spec, "mode", None) if stage.name == "precision" else None
+        if mode is not None:
+            self.graph_fraction = lowered_fraction(self.info, mode)
 
 
 def fp32_weight_bytes(model_info: dict[str, Any]) -> int:

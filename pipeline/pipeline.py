@@ -20,10 +20,10 @@ from .context import RunContext
 from .errors import EnginewrightError, RecipeError, ResourceError, StageError, VerificationError
 from .hashing import sha256_file
 from .memory import (
+    MemoryPlan,
     available_bytes,
     current_rss_bytes,
     gib,
-    peak_bytes,
     peak_rss_bytes,
     reset_peak_rss,
     return_freed_memory,
@@ -126,15 +126,18 @@ class Pipeline:
         ctx = self._context(planning=True)
         planned, parent_key = [], None
         stages = self._select(self._stages(ctx), until)
+        budget = MemoryPlan(stages[0].info())
         for stage in stages:
             key = stage.key(parent_key)
             status, detail = self.cache.check(key)
+            need = budget.estimate(stage)
+            budget.passed(stage, built=status != "hit")
             if status == "miss":
                 detail = explain_miss(self.cache, stage.key_material(parent_key)) or detail
             note = stage.plan_note()
             if note:
                 detail = f"{detail}; {note}"
-            planned.append(PlannedStage(stage.name, key, status, detail, self._peak_memory(stages[0], stage), stage))
+            planned.append(PlannedStage(stage.name, key, status, detail, need, stage))
             parent_key = key
         return planned
 
@@ -147,17 +150,13 @@ class Pipeline:
         tensorrt = getattr(self.recipe.recipe.stage("engine"), "backend", None) == "tensorrt"
         return estimate(self.recipe.recipe, load.info(), load.ctx.gpu() if tensorrt else None)
 
-    @staticmethod
-    def _peak_memory(load_stage: Any, stage: Stage) -> int:
-        return peak_bytes(load_stage.info(), stage.memory_factor)
-
-    def _check_memory(self, load_stage: Any, stage: Stage) -> None:
-        need = self._peak_memory(load_stage, stage)
+    def _check_memory(self, stage: Stage, need: int) -> None:
         have = available_bytes()
         if have is not None and need > have:
             raise ResourceError(
                 f"stage '{stage.name}' needs about {gib(need)} of memory for {self.recipe.recipe.model.path} "
-                f"(1 GiB runtime + float32 weights x {stage.memory_factor}) and this machine has {gib(have)} available; "
+                f"(pipeline/memory.py: its weights x {stage.memory_factor}, and the PyTorch reference where it "
+                f"computes it) and this machine has {gib(have)} available; "
                 "run it on a larger machine, or pass check_memory=False / --no-memory-check to try anyway"
             )
 
@@ -191,15 +190,17 @@ class Pipeline:
         parent: Entry | None = None
         current = stages[0].name
         try:
-            memory_check = (lambda stage: self._check_memory(stages[0], stage)) if check_memory else None
-            estimate = lambda stage: self._peak_memory(stages[0], stage)  # noqa: E731
+            budget = MemoryPlan(stages[0].info())
             if self.gpu_probe is not None:
                 ctx.gpu()  # an injected probe cannot cross into a stage's process; its answer does
             arrived: list[str] = []
             for index, stage in enumerate(stages):
                 current = stage.name
-                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check, estimate,
-                                                 index, tuple(arrived))
+                need = budget.estimate(stage)
+                memory_check = (lambda s, n=need: self._check_memory(s, n)) if check_memory else None
+                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check,
+                                                 lambda s, n=need: n, index, tuple(arrived))
+                budget.passed(stage, built=not result.cached)
                 results.append(result)
                 if parent is not None:
                     ctx.arrived(parent)  # later stages read it; it may name the model they are checked against

@@ -35,7 +35,7 @@ def test_default_recipe_builds_and_verifies(shipped_run):
     assert report["stages"][3]["verify"]["metrics"]["greedy_tokens_total"] == 32
     assert "| engine |" in (result.run_dir / "report.md").read_text()
     for s in report["stages"]:  # every build measured its peak RSS, beside plan's estimate
-        assert s["memory"]["peak_rss_bytes"] > 100e6 and s["memory"]["estimate_bytes"] > 1e9
+        assert s["memory"]["peak_rss_bytes"] > 100e6 and s["memory"]["estimate_bytes"] > 300e6
     assert "## Memory (peak RSS" in (result.run_dir / "report.md").read_text()
 
 

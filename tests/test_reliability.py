@@ -112,7 +112,9 @@ def test_memory_estimate_refuses_before_building(tmp_path, random_llama, monkeyp
     with pytest.raises(ResourceError, match="stage 'load' needs about .* GiB of memory"):
         pipe.run()
     assert [p.status for p in pipe.plan()] == ["miss"] * 4
-    assert all(p.peak_memory_bytes > 1024**3 for p in pipe.plan())
+    planned = {p.name: p.peak_memory_bytes for p in pipe.plan()}
+    assert planned["load"] > 1024**3 and planned["export"] > 1024**3  # PyTorch's own overhead
+    assert 256 * 1024**2 < planned["simplify"] < 1024**3  # ONNX only: export computed the PyTorch reference
 
 
 def test_simplifier_too_large_is_skipped_with_a_note(tmp_path, random_llama, monkeypatch):

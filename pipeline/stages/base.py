@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..cache import Entry
 from ..hashing import chain_key
+from ..memory import RUNTIME_OVERHEAD_BYTES
 from ..target import package_version
 from ..verify.policy import Policy
 from ..verify.result import Verification
@@ -36,8 +37,15 @@ class Stage(ABC):
     tools: ClassVar[tuple[str, ...]] = ()
     # whether the stage's verification has thresholds and settings that decide its verdict: part of the key
     verified: ClassVar[bool] = True
-    # peak memory while building and verifying, as a multiple of the float32 weights (pipeline/memory.py)
+    # peak memory while building and verifying, as a multiple of the weights it works on (pipeline/memory.py):
+    # the model's in float32 ("fp32") or the ONNX graph's it reads ("graph", smaller once a precision lowered it)
     memory_factor: ClassVar[float] = 3.0
+    memory_basis: ClassVar[str] = "fp32"
+    memory_overhead: ClassVar[int] = RUNTIME_OVERHEAD_BYTES  # its process's libraries (PyTorch imported)
+    # verifies against PyTorch's reference outputs (the first such stage built in a run computes them)
+    reads_reference: ClassVar[bool] = False
+    # its artifact becomes the model later stages are checked against (quantize)
+    changes_reference: ClassVar[bool] = False
 
     def __init__(self, spec: Any, ctx: RunContext):
         self.spec = spec

@@ -78,6 +78,8 @@ class TensorRTEngineStage(Stage):
     target_specific = True
     tools = ("polygraphy",)
     memory_factor = 2.0  # host side: the parsed network holds the weights once more
+    memory_basis = "graph"
+    reads_reference = True
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()

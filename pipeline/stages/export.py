@@ -23,6 +23,7 @@ from ..cache import Entry
 from ..config import Strict
 from ..errors import StageError
 from ..logs import quieted
+from ..memory import RUNTIME_OVERHEAD_BYTES
 from ..onnx_files import MODEL
 from ..verify.result import Verification
 from .onnx_stage import OnnxStage
@@ -154,6 +155,9 @@ def set_axis_names(ir_model, io: dict[str, Any]) -> list[str]:
 
 class ExportStage(OnnxStage):
     name = "export"
+    memory_basis = "fp32"  # the PyTorch model it traces
+    memory_overhead = RUNTIME_OVERHEAD_BYTES
+    memory_factor = 0.9  # the model, the exporter's program and the graph written as it goes
     Config: ClassVar[type] = ExportConfig
     version = 3
     tools = ("torch", "transformers", "onnx", "onnxscript")

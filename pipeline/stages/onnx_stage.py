@@ -12,6 +12,7 @@ from typing import Any
 
 from ..artifacts import OnnxArtifact, artifact_record
 from ..cache import Entry
+from ..memory import ONNX_OVERHEAD_BYTES
 from ..onnx_files import MODEL, save_model
 from ..runtime.ort_lm import SessionSettings
 from ..verify.result import Verification
@@ -19,6 +20,11 @@ from .base import Stage
 
 
 class OnnxStage(Stage):
+    memory_basis = "graph"
+    memory_overhead = ONNX_OVERHEAD_BYTES
+    memory_factor = 1.0  # one ONNX Runtime session (or the graph in onnx) at a time
+    reads_reference = True
+
     def save_graph(self, proto: Any, out: Path, external: bool) -> None:
         save_model(proto, out / MODEL, external)
 

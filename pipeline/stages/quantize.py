@@ -172,6 +172,7 @@ class QuantizeStage(Stage):
     Config: ClassVar[type] = QuantizeConfig
     version = 5
     memory_factor = 4.0
+    changes_reference = True
 
     @property
     def tools(self) -> tuple[str, ...]:  # type: ignore[override]
