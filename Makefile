@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: engine test test-real test-scale lint plan bench model clean-cache
+.PHONY: engine test test-real test-scale lint plan bench scale model clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ $(BENCH_STAMP): $(STAMP)
 # `make bench` (about 15 minutes on 2 cores) or `make bench QUICK=1` (about 2 minutes)
 bench: $(BENCH_STAMP)
 	$(BIN)/enginewright bench $(if $(QUICK),--quick)
+
+# Recipes on a generated random-weight LLaMA of a real size (PRESET: 0.85b, wide-2gb; 7b does not fit yet):
+# peak RSS, plan's estimate and time per stage, in artifacts/scale/results.md (about 20 minutes for 0.85b).
+PRESET ?= 0.85b
+scale: $(STAMP)
+	$(BIN)/python scripts/scale_runs.py --preset $(PRESET) --out artifacts/scale
 
 # Regenerate the shipped model (deterministic; a few minutes on 2 cores).
 model: $(STAMP)

@@ -57,7 +57,7 @@ class GraphWeights:
             self._maps[location] = np.memmap(self.path.parent / location, dtype=np.uint8, mode="r")
         offset = int(fields.get("offset", 0))
         length = int(fields["length"]) if "length" in fields else len(self._maps[location]) - offset
-        return memoryview(self._maps[location])[offset:offset + length]
+        return memoryview(self._maps[location])[offset:offset + length]  # type: ignore[arg-type]
 
     def array(self, tensor: Any) -> np.ndarray:
         """The tensor as a (read-only where mapped) numpy array; only its own pages are read."""
@@ -114,7 +114,8 @@ class WeightWriter:
         proto = numpy_helper.from_array(array[:0].reshape((0,)), name)  # dtype only; no copy of the data
         del proto.dims[:]
         proto.dims.extend(array.shape)
-        self._point(proto, self._append(memoryview(array).cast("B")), array.nbytes)
+        data = memoryview(array).cast("B")  # type: ignore[arg-type]
+        self._point(proto, self._append(data), array.nbytes)
         self._written.add(name)
         return proto
 

@@ -126,7 +126,7 @@ class Pipeline:
         ctx = self._context(planning=True)
         planned, parent_key = [], None
         stages = self._select(self._stages(ctx), until)
-        budget = MemoryPlan(stages[0].info())
+        budget = MemoryPlan(stages[0].info())  # type: ignore[attr-defined]
         for stage in stages:
             key = stage.key(parent_key)
             status, detail = self.cache.check(key)
@@ -190,16 +190,15 @@ class Pipeline:
         parent: Entry | None = None
         current = stages[0].name
         try:
-            budget = MemoryPlan(stages[0].info())
+            budget = MemoryPlan(stages[0].info())  # type: ignore[attr-defined]
             if self.gpu_probe is not None:
                 ctx.gpu()  # an injected probe cannot cross into a stage's process; its answer does
             arrived: list[str] = []
             for index, stage in enumerate(stages):
                 current = stage.name
                 need = budget.estimate(stage)
-                memory_check = (lambda s, n=need: self._check_memory(s, n)) if check_memory else None
-                result, parent = self._run_stage(stage, parent, stage.name in forced, memory_check,
-                                                 lambda s, n=need: n, index, tuple(arrived))
+                result, parent = self._run_stage(stage, parent, stage.name in forced, need, check_memory,
+                                                 index, tuple(arrived))
                 budget.passed(stage, built=not result.cached)
                 results.append(result)
                 if parent is not None:
@@ -224,8 +223,7 @@ class Pipeline:
         return RunResult(report=report, stages=results, run_dir=run_dir)
 
     def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool,
-                   memory_check: Callable[[Stage], None] | None,
-                   estimate: Callable[[Stage], int] | None = None, index: int = 0,
+                   need: int, check_memory: bool, index: int = 0,
                    upstream: tuple[str, ...] = ()) -> tuple[StageResult, Entry | None]:
         t0 = time.perf_counter()
         key = stage.key(parent.key if parent else None)
@@ -235,8 +233,8 @@ class Pipeline:
                 entry = None if forced else self.cache.lookup(key)  # another process may have built it
                 if entry is None:
                     stage.preflight()  # a stage this machine cannot run stops here; earlier entries stay
-                    if memory_check is not None:
-                        memory_check(stage)
+                    if check_memory:
+                        self._check_memory(stage, need)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
                         return_freed_memory()  # what earlier stages freed is not counted as this one's
@@ -258,7 +256,7 @@ class Pipeline:
                         memory = {"peak_rss_bytes": peak, "start_rss_bytes": start_rss,
                                   "scope": "this stage's build and verification" if windowed else "the process",
                                   "process": "its own" if self.isolate else "the run's",
-                                  "estimate_bytes": estimate(stage) if estimate is not None else None}
+                                  "estimate_bytes": need}
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
                             return StageResult(stage.name, key, False, seconds, "(not kept: failed verification)",

@@ -4,6 +4,8 @@ Presets:
   wide-2gb  4 layers at Llama-2-7B's width (hidden 4096, intermediate 11008, GQA 32/8) and the shipped
             tokenizer's 2,048-token vocabulary: 0.71 B parameters, 1.4 GB in bf16, 2.8 GB in float32, so
             its FP32 ONNX graph is past the 2 GB protobuf limit while exporting in a few minutes
+  0.85b     hidden 2048, 16 layers, intermediate 5632, GQA 32/8, vocabulary 32,000: 0.85 B parameters,
+            1.7 GB in bf16, 3.4 GB in float32 (the size the real-sizes work was first measured at)
   7b        Llama-2-7B's configuration (32 layers, hidden 4096, intermediate 11008, 32 heads, vocabulary
             32,000): 6.74 B parameters, 13.5 GB in bf16; tokenizer files from the shipped model (its
             2,048 ids are a subset of the vocabulary)
@@ -29,6 +31,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PRESETS = {
     "wide-2gb": dict(vocab_size=2048, hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+    "0.85b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
 }
