@@ -6,8 +6,8 @@ runtime overhead (the libraries its process imports) plus a multiple (`Stage.mem
 on, which are the model's in float32 (the dtype the PyTorch model is loaded in) or, for a stage reading an
 ONNX graph (`memory_basis = "graph"`), the graph's weights: float32 until a precision stage has lowered
 them, then that precision's bytes (pipeline/sizing.py). The first stage built that verifies against
-PyTorch's outputs (`reads_reference`) loads the reference model to compute them, which adds the float32
-model once more; later stages reuse those outputs. A stage that changes the reference model (quantize)
+PyTorch's outputs (`reads_reference`) loads the reference model to compute them and frees it before its
+own work, so its peak is the larger of the two; later stages reuse those outputs. A stage that changes the reference model (quantize)
 makes the next one compute them again. `MemoryPlan` walks a recipe's stages in that order; the factors
 were measured on a 0.73 B model (README, "Past 2 GB").
 """
@@ -24,7 +24,7 @@ RUNTIME_OVERHEAD_BYTES = 1024**3  # a stage process with PyTorch and transformer
 ONNX_OVERHEAD_BYTES = 300 * 1024**2  # one with ONNX and ONNX Runtime only
 
 
-REFERENCE_FACTOR = 1.0  # the PyTorch model loaded once more to compute the reference outputs
+REFERENCE_FACTOR = 1.3  # the PyTorch model loaded in float32 to compute the reference outputs (as load: 1.27)
 
 
 def lowered_fraction(model_info: dict[str, Any], mode: str) -> float:
@@ -54,12 +54,10 @@ class MemoryPlan:
 
     def estimate(self, stage: Any) -> int:
         basis = self.fp32 * (self.graph_fraction if stage.memory_basis == "graph" else 1.0)
-        overhead = stage.memory_overhead
-        reference = 0.0
-        if stage.reads_reference and self.reference_pending:  # PyTorch imported and the model loaded
-            reference = self.fp32 * REFERENCE_FACTOR
-            overhead = max(overhead, RUNTIME_OVERHEAD_BYTES)
-        return int(overhead + basis * stage.memory_factor + reference)
+        own = stage.memory_overhead + basis * stage.memory_multiple()
+        if stage.reads_reference and self.reference_pending:  # before its own work: the model loaded, then freed
+            own = max(own, RUNTIME_OVERHEAD_BYTES + self.fp32 * REFERENCE_FACTOR)
+        return int(own)
 
     def passed(self, stage: Any, built: bool) -> None:
         if stage.reads_reference and built:

@@ -155,7 +155,7 @@ class Pipeline:
         if have is not None and need > have:
             raise ResourceError(
                 f"stage '{stage.name}' needs about {gib(need)} of memory for {self.recipe.recipe.model.path} "
-                f"(pipeline/memory.py: its weights x {stage.memory_factor}, and the PyTorch reference where it "
+                f"(pipeline/memory.py: its weights x {stage.memory_multiple()}, or the PyTorch reference where it "
                 f"computes it) and this machine has {gib(have)} available; "
                 "run it on a larger machine, or pass check_memory=False / --no-memory-check to try anyway"
             )

@@ -51,6 +51,11 @@ class Stage(ABC):
         self.spec = spec
         self.ctx = ctx
 
+    def memory_multiple(self) -> float:
+        """This stage's multiple of its weights for the estimate (a stage whose work depends on its settings
+        overrides it)."""
+        return self.memory_factor
+
     def thresholds(self) -> Policy | None:
         """The thresholds this stage is held to, each with its source (pipeline/verify/policy.py)."""
         if not self.verified:

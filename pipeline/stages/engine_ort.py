@@ -44,7 +44,7 @@ class OrtEngineConfig(Strict):
 
 class OrtEngineStage(OnnxStage):
     name = "engine"
-    memory_factor = 0.8  # the session over the graph as lowered (0.79 measured on an INT8 graph)
+    memory_factor = 0.95  # the session over the graph as lowered (measured 0.96 on FP32, 0.79 on INT8 graphs)
     Config: ClassVar[type] = OrtEngineConfig
     version = 4
     target_specific = True
