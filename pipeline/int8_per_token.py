@@ -109,7 +109,7 @@ def rewrite_per_token(graph: GraphWeights, writer: WeightWriter, nodes: list[str
 def quantize_per_token(src: Path, dst: Path, nodes: list[str], external: bool,
                        unsigned_weights: bool = False) -> dict[str, Any]:
     graph = GraphWeights(src)
-    writer = WeightWriter(dst.parent, external)
+    writer = WeightWriter(dst.parent, external, graph)
     try:
         info = rewrite_per_token(graph, writer, nodes, 127, unsigned_weights)
         writer.save(graph.model, graph)

@@ -77,7 +77,7 @@ def smooth_graph(src: Path, dst: Path, io: dict[str, Any], nodes: list[str], win
     graph = GraphWeights(src)  # the weights are read one at a time and the new ones written as they are made
     model = graph.model
     inits = graph.initializers()
-    writer = WeightWriter(dst.parent, external)
+    writer = WeightWriter(dst.parent, external, graph)
     factors: dict[str, np.ndarray] = {}
     chosen: list[float] = []
     for t, members in groups.items():

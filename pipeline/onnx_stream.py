@@ -75,10 +75,12 @@ class GraphWeights:
 class WeightWriter:
     """Writes tensors to `folder/model.onnx.data` as they are made; the protos it returns point there."""
 
-    def __init__(self, folder: Path, external: bool) -> None:
+    def __init__(self, folder: Path, external: bool, source: GraphWeights | None = None) -> None:
         self.folder = Path(folder)
         self.external = external
         self.folder.mkdir(parents=True, exist_ok=True)
+        if source is not None and source.path.parent.resolve() == self.folder.resolve():
+            raise ValueError(f"{self.folder}: writing a graph's weights over the file they are read from")
         self._file = open(self.folder / EXTERNAL_DATA, "wb") if external else None  # noqa: SIM115
         self._offset = 0
         self._written: set[str] = set()

@@ -37,7 +37,9 @@ def test_written_and_carried_weights_read_back_exactly(tmp_path, external):
     graph = GraphWeights(src)
     inits = graph.initializers()
     assert all(np.array_equal(graph.array(inits[k]), v) for k, v in w.items())  # read one at a time
-    writer = WeightWriter(tmp_path / "dst", external)
+    with pytest.raises(ValueError, match="over the file they are read from"):
+        WeightWriter(src.parent, external, graph)
+    writer = WeightWriter(tmp_path / "dst", external, graph)
     doubled = writer.tensor(graph.array(inits["a"]) * 2, "a2")
     graph.model.graph.initializer.remove(inits["a"])
     graph.model.graph.initializer.append(doubled)
