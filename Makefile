@@ -7,8 +7,11 @@ RECIPE ?= recipes/tiny-llama.yaml
 PYTEST_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.installed-bench
+# Triton's server (inside nvidia-pytriton, which needs numpy<2) in an environment of its own
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 
-.PHONY: engine test test-real test-scale lint plan bench scale model clean-cache
+.PHONY: engine test test-real test-scale test-servers lint plan bench scale model clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,11 +29,21 @@ plan: $(STAMP)
 	$(BIN)/enginewright plan $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real and not scale and not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not real and not scale and not heavy and not servers" $(PYTEST_ARGS)
 
-# the recipes on a real pretrained model (SmolLM2-135M from a GGUF in a PyPI package), end to end
-test-real: $(STAMP)
-	$(BIN)/python -m pytest -q -m "real and not heavy" $(PYTEST_ARGS)
+# the recipes on a real pretrained model (SmolLM2-135M from a GGUF in a PyPI package), end to end, and the
+# packages run by their real servers (test-servers alone runs only those)
+test-real: $(STAMP) $(TRITON_STAMP)
+	ENGINEWRIGHT_TRITON_ENV=$(abspath $(TRITON_VENV)) $(BIN)/python -m pytest -q -m "(real or servers) and not heavy" $(PYTEST_ARGS)
+
+$(TRITON_STAMP): constraints-triton.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints-triton.txt nvidia-pytriton onnxruntime
+	touch $(TRITON_STAMP)
+
+# packages run by the real server: a Triton server (Python backend) on 127.0.0.1, greedy tokens against PyTorch's
+test-servers: $(STAMP) $(TRITON_STAMP)
+	ENGINEWRIGHT_TRITON_ENV=$(abspath $(TRITON_VENV)) $(BIN)/python -m pytest -q -m servers $(PYTEST_ARGS)
 
 # real-model checks that take minutes of quantization each (SmoothQuant and bitsandbytes on SmolLM2): not in CI
 test-heavy: $(STAMP)

@@ -65,7 +65,7 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
 @click.option("--force", type=click.Choice(STAGES), default=None, help="Rebuild this stage and every stage after it.")
 @click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
-@click.option("--no-memory-check", is_flag=True, help="Build even if a stage's memory estimate exceeds what is free.")
+@click.option("--no-memory-check", is_flag=True, help="Build even if a stage's memory or disk estimate exceeds what is free.")
 @cache_option
 def run(recipe: Path, force: str | None, until: str | None, as_json: bool, no_memory_check: bool,
         cache_dir: Path | None) -> None:
@@ -142,17 +142,24 @@ def plan(recipe: Path, until: str | None, cache_dir: Path | None) -> None:
     except EnginewrightError as exc:
         _fail(exc)
         return
-    from .memory import available_bytes, gib
+    from .memory import available_bytes, free_disk_bytes, gib
 
     have = available_bytes()
-    click.echo(f"{'stage':<9} {'cache':<8} {'peak memory (est.)':<19} key")
+    click.echo(f"{'stage':<9} {'cache':<8} {'peak memory (est.)':<19} {'disk (est.)':<12} key")
     for p in planned:
-        click.echo(f"{p.name:<9} {p.status:<8} {gib(p.peak_memory_bytes):<19} {p.key}  {p.detail}")
+        click.echo(f"{p.name:<9} {p.status:<8} {gib(p.peak_memory_bytes):<19} {gib(p.disk_bytes):<12} "
+                   f"{p.key}  {p.detail}")
+    to_build = [p for p in planned if p.status != "hit"]
     if have is not None:
-        worst = max(p.peak_memory_bytes for p in planned if p.status != "hit") if any(
-            p.status != "hit" for p in planned) else 0
+        worst = max((p.peak_memory_bytes for p in to_build), default=0)
         verdict = "fits" if worst <= have else "DOES NOT FIT: run refuses it (or --no-memory-check)"
         click.echo(f"memory available: {gib(have)}; largest stage to build: {gib(worst)}: {verdict}")
+    free = free_disk_bytes(pipe.cache.root)
+    if free is not None:
+        writes = sum(p.disk_bytes for p in to_build)
+        verdict = "fits" if writes <= free else "DOES NOT FIT: free space or choose another --cache-dir"
+        click.echo(f"disk free under {pipe.cache.root}: {gib(free)}; the stages to build write about "
+                   f"{gib(writes)}: {verdict}")
     if estimate is not None:
         from .gpu_estimate import render
 

@@ -59,6 +59,16 @@ class MemoryPlan:
             own = max(own, RUNTIME_OVERHEAD_BYTES + self.fp32 * REFERENCE_FACTOR)
         return int(own)
 
+    def disk(self, stage: Any) -> int:
+        """Bytes the stage's artifact will take on disk: its multiple (`Stage.disk_factor`) of the weights it
+        writes, the graph's as this stage leaves them (a precision stage writes the lowered graph)."""
+        fraction = self.graph_fraction
+        mode = getattr(stage.spec, "mode", None) if stage.name == "precision" else None
+        if mode is not None:
+            fraction = lowered_fraction(self.info, mode)
+        basis = self.fp32 * (fraction if stage.memory_basis == "graph" else 1.0)
+        return int(basis * stage.disk_factor)
+
     def passed(self, stage: Any, built: bool) -> None:
         if stage.reads_reference and built:
             self.reference_pending = False
@@ -72,6 +82,19 @@ class MemoryPlan:
 def fp32_weight_bytes(model_info: dict[str, Any]) -> int:
     stored = DTYPE_BYTES.get(model_info.get("dtype", "float32"), 4)
     return int(model_info["weights_bytes"] * 4 / stored)
+
+
+def free_disk_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent); None where unknown."""
+    import shutil
+
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def available_bytes() -> int | None:

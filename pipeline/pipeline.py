@@ -23,6 +23,7 @@ from .memory import (
     MemoryPlan,
     available_bytes,
     current_rss_bytes,
+    free_disk_bytes,
     gib,
     peak_rss_bytes,
     reset_peak_rss,
@@ -46,6 +47,7 @@ class PlannedStage:
     status: str  # hit | miss | corrupt
     detail: str
     peak_memory_bytes: int  # estimate while building and verifying (pipeline/memory.py)
+    disk_bytes: int  # estimate of its artifact's size on disk
     stage: Stage = field(repr=False)
 
 
@@ -130,14 +132,14 @@ class Pipeline:
         for stage in stages:
             key = stage.key(parent_key)
             status, detail = self.cache.check(key)
-            need = budget.estimate(stage)
+            need, disk = budget.estimate(stage), budget.disk(stage)
             budget.passed(stage, built=status != "hit")
             if status == "miss":
                 detail = explain_miss(self.cache, stage.key_material(parent_key)) or detail
             note = stage.plan_note()
             if note:
                 detail = f"{detail}; {note}"
-            planned.append(PlannedStage(stage.name, key, status, detail, need, stage))
+            planned.append(PlannedStage(stage.name, key, status, detail, need, disk, stage))
             parent_key = key
         return planned
 
@@ -159,6 +161,15 @@ class Pipeline:
                 f"computes it) and this machine has {gib(have)} available; "
                 "run it on a larger machine, or pass check_memory=False / --no-memory-check to try anyway"
             )
+
+    def _check_disk(self, stage: Stage, need: int) -> None:
+        free = free_disk_bytes(self.cache.root)
+        if free is not None and need > free:
+            raise ResourceError(
+                f"stage '{stage.name}' writes an artifact of about {gib(need)} under {self.cache.root} and that disk "
+                f"has {gib(free)} free; free space (`enginewright cache gc --max-size-mb N` drops the oldest "
+                "entries), point --cache-dir at a larger disk, or pass check_memory=False / --no-memory-check "
+                "to try anyway")
 
     def _select(self, stages: list[Stage], until: str | None) -> list[Stage]:
         if until is None:
@@ -196,8 +207,8 @@ class Pipeline:
             arrived: list[str] = []
             for index, stage in enumerate(stages):
                 current = stage.name
-                need = budget.estimate(stage)
-                result, parent = self._run_stage(stage, parent, stage.name in forced, need, check_memory,
+                need, disk = budget.estimate(stage), budget.disk(stage)
+                result, parent = self._run_stage(stage, parent, stage.name in forced, (need, disk), check_memory,
                                                  index, tuple(arrived))
                 budget.passed(stage, built=not result.cached)
                 results.append(result)
@@ -223,9 +234,11 @@ class Pipeline:
         return RunResult(report=report, stages=results, run_dir=run_dir)
 
     def _run_stage(self, stage: Stage, parent: Entry | None, forced: bool,
-                   need: int, check_memory: bool, index: int = 0,
+                   needs: tuple[int, int], check_memory: bool, index: int = 0,
                    upstream: tuple[str, ...] = ()) -> tuple[StageResult, Entry | None]:
+        """Look the stage up, or build, verify and commit it; `needs` is its (peak memory, disk) estimate."""
         t0 = time.perf_counter()
+        need, disk = needs
         key = stage.key(parent.key if parent else None)
         entry = None if forced else self.cache.lookup(key)
         if entry is None:
@@ -235,9 +248,9 @@ class Pipeline:
                     stage.preflight()  # a stage this machine cannot run stops here; earlier entries stay
                     if check_memory:
                         self._check_memory(stage, need)
+                        self._check_disk(stage, disk)
                     self.say(f"{stage.name}: building")
                     with self.cache.building(key) as tmp:
-                        return_freed_memory()  # what earlier stages freed is not counted as this one's
                         if self.isolate:
                             job = isolation.StageJob(self.recipe, self.cache.root, index,
                                                      parent.key if parent else None, upstream, tmp,
@@ -248,6 +261,7 @@ class Pipeline:
                             peak, start_rss, windowed = (child["peak_rss_bytes"], child["start_rss_bytes"],
                                                          child["windowed"])
                         else:
+                            return_freed_memory()  # what earlier stages freed is not counted as this one's
                             windowed = reset_peak_rss()
                             start_rss = current_rss_bytes()  # what the process already held: imports, earlier stages
                             stage_meta, verification = self._build_and_verify(stage, parent, tmp)
@@ -256,7 +270,7 @@ class Pipeline:
                         memory = {"peak_rss_bytes": peak, "start_rss_bytes": start_rss,
                                   "scope": "this stage's build and verification" if windowed else "the process",
                                   "process": "its own" if self.isolate else "the run's",
-                                  "estimate_bytes": need}
+                                  "estimate_bytes": need, "disk_estimate_bytes": disk}
                         if not verification.passed:
                             shutil.rmtree(tmp, ignore_errors=True)  # a failed artifact is never cached
                             return StageResult(stage.name, key, False, seconds, "(not kept: failed verification)",

@@ -26,6 +26,8 @@ BACKENDS = {
     "tensorrt": ("tensorrt_plan", "tensorrt", "model.plan", "KIND_GPU"),
 }
 
+PYTHON_MODEL = "model.py"  # the Python backend's entry point (pipeline/triton_python_model.py)
+
 ORT_GRAPH_LEVEL_DISABLED = 2  # the onnxruntime backend's optimization.graph.level for ORT_DISABLE_ALL
 
 
@@ -48,6 +50,9 @@ class TritonModel:
     dynamic_batching: dict | None = None  # {"max_queue_delay_microseconds": int, "preferred_batch_size": [...]}
     parameters: dict[str, str] = field(default_factory=dict)
     graph_level: int | None = None  # onnxruntime backend: optimization.graph.level
+    # "native": Triton's backend for the engine (onnxruntime, tensorrt); "python": Triton's Python backend
+    # running the ONNX Runtime engine through model.py, for servers built without the onnxruntime backend
+    server_backend: str = "native"
 
     @property
     def model_file(self) -> str:
@@ -84,8 +89,11 @@ def _tensor_block(kind: str, tensors: tuple[TritonTensor, ...]) -> list[str]:
 def render_config(model: TritonModel) -> str:
     """config.pbtxt text for the model."""
     platform, backend, _, kind = BACKENDS[model.backend]
-    lines = [f"name: {json.dumps(model.name)}", f"platform: {json.dumps(platform)}",
-             f"backend: {json.dumps(backend)}", f"max_batch_size: {model.max_batch_size}"]
+    python = model.server_backend == "python"
+    lines = [f"name: {json.dumps(model.name)}"]
+    lines += ['backend: "python"'] if python else [f"platform: {json.dumps(platform)}",
+                                                    f"backend: {json.dumps(backend)}"]
+    lines.append(f"max_batch_size: {model.max_batch_size}")
     lines += _tensor_block("input", model.inputs)
     lines += _tensor_block("output", model.outputs)
     group = ["instance_group [", "  {", f"    count: {model.instance_count}", f"    kind: {kind}"]
@@ -99,9 +107,13 @@ def render_config(model: TritonModel) -> str:
             lines.append(f"  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]")
         lines.append(f"  max_queue_delay_microseconds: {model.dynamic_batching['max_queue_delay_microseconds']}")
         lines.append("}")
-    if model.graph_level is not None:
+    parameters = dict(model.parameters)
+    if python:  # model.py opens the engine's file unoptimized; the onnxruntime backend's own keys are not its
+        parameters = {"model_file": model.model_file,
+                      "intra_op_thread_count": parameters.get("intra_op_thread_count", "1")}
+    elif model.graph_level is not None:
         lines += ["optimization {", "  graph {", f"    level: {model.graph_level}", "  }", "}"]
-    for key, value in sorted(model.parameters.items()):
+    for key, value in sorted(parameters.items()):
         lines.append(f"parameters {{ key: {json.dumps(key)} value {{ string_value: {json.dumps(value)} }} }}")
     return "\n".join(lines) + "\n"
 

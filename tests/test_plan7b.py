@@ -128,3 +128,12 @@ def test_parameter_count_matches_the_shipped_models_weights():
     params = parameter_count(config, geometry)
     assert params.total == stored
     assert params.lm_head == (0 if config.get("tie_word_embeddings") else params.embedding)
+
+
+def test_disk_per_stage(tmp_path):
+    """Each artifact's size on disk: the float32 graph through simplify, the INT8 graph after precision."""
+    disk = {p.name: p.disk_bytes for p in pipe(tmp_path).plan()}
+    fp32 = 4 * 6_738_415_616
+    assert disk["load"] == disk["package"] == 0
+    assert disk["quantize"] == disk["export"] == disk["simplify"] == pytest.approx(fp32, rel=0.01)
+    assert 0.2 * fp32 < disk["precision"] == disk["engine"] < 0.35 * fp32  # INT8 weights, FP32 embeddings and norms

@@ -117,6 +117,20 @@ def test_memory_estimate_refuses_before_building(tmp_path, random_llama, monkeyp
     assert 256 * 1024**2 < planned["simplify"] < 1024**3  # ONNX only: export computed the PyTorch reference
 
 
+def test_disk_estimate_refuses_before_writing(tmp_path, random_llama, monkeypatch):
+    import pipeline.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "free_disk_bytes", lambda folder: 1)
+    recipe = write_recipe(tmp_path / "r.yaml", random_llama)
+    pipe = Pipeline.from_recipe(recipe, cache_dir=tmp_path / "cache")
+    with pytest.raises(ResourceError, match=r"stage 'export' writes an artifact of about .* GiB under .* 0\.00 GiB free"):
+        pipe.run()  # load writes no weights of its own, so it is built; export's float32 graph is refused
+    assert [p.status for p in pipe.plan()] == ["hit", "miss", "miss", "miss"]
+    disk = {p.name: p.disk_bytes for p in pipe.plan()}
+    assert disk["load"] == 0 and disk["export"] == disk["simplify"] > 0
+    assert not any((tmp_path / "cache" / ".tmp").iterdir())
+
+
 def test_simplifier_too_large_is_skipped_with_a_note(tmp_path, random_llama, monkeypatch):
     import pipeline.stages.simplify as simplify
 

@@ -55,6 +55,22 @@ def test_triton_package_of_the_real_model(cache):
     assert result.stage("package").verify["metrics"].get("schema_checked") is True
 
 
+@pytest.mark.servers
+def test_triton_server_runs_the_real_model(cache, tmp_path):
+    """The FP32 engine in a Triton model repository for the Python backend, served by a running Triton server:
+    its greedy tokens over gRPC are PyTorch's."""
+    from .test_triton_server import python_backend_recipe, pytorch_tokens, served_tokens
+    from .triton_server import triton_env
+
+    triton_env()
+    recipe = python_backend_recipe(ROOT / "recipes" / "smollm2-triton.yaml", tmp_path / "smollm2-triton.yaml")
+    result = Pipeline.from_recipe(recipe, cache_dir=cache).run()
+    assert result.ok and [s.cached for s in result.stages[:4]] == [True] * 4
+    prompt, expected = pytorch_tokens(Path(result.stage("load").artifact), "The capital of France is", 16)
+    (served,), _ = served_tokens(result, tmp_path, prompt, 16)
+    assert served == expected
+
+
 def test_rtn_w4_lowered_to_int4_on_the_real_model(cache):
     result = run("smollm2-rtn-int4.yaml", cache)
     quantize = result.stage("quantize")

@@ -46,6 +46,9 @@ class Stage(ABC):
     reads_reference: ClassVar[bool] = False
     # its artifact becomes the model later stages are checked against (quantize)
     changes_reference: ClassVar[bool] = False
+    # bytes its artifact takes on disk, as a multiple of the weights it writes: the model's in float32, or the
+    # graph's as this stage leaves them (pipeline/memory.py: MemoryPlan.disk); 0 for one that writes no weights
+    disk_factor: ClassVar[float] = 0.0
 
     def __init__(self, spec: Any, ctx: RunContext):
         self.spec = spec

@@ -79,6 +79,7 @@ class TensorRTEngineStage(Stage):
     tools = ("polygraphy",)
     memory_factor = 2.0  # host side: the parsed network holds the weights once more
     memory_basis = "graph"
+    disk_factor = 1.0  # the serialized engine holds the weights once
     reads_reference = True
 
     def config(self) -> dict[str, Any]:

@@ -179,6 +179,7 @@ class ExportStage(OnnxStage):
     memory_basis = "fp32"  # the PyTorch model it traces
     memory_overhead = RUNTIME_OVERHEAD_BYTES
     memory_factor = 1.3  # the model loaded in float32 (its weights freed before ONNX Runtime loads the graph)
+    disk_factor = 1.0  # the float32 graph
     Config: ClassVar[type] = ExportConfig
     version = 3
     tools = ("torch", "transformers", "onnx", "onnxscript")

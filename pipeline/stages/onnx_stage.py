@@ -23,6 +23,7 @@ class OnnxStage(Stage):
     memory_basis = "graph"
     memory_overhead = ONNX_OVERHEAD_BYTES
     memory_factor = 1.0  # one ONNX Runtime session (or the graph in onnx) at a time
+    disk_factor = 1.0  # the graph it writes
     reads_reference = True
 
     def save_graph(self, proto: Any, out: Path, external: bool) -> None:

@@ -17,6 +17,7 @@ file system allows it (copied otherwise), and checked against the engine's own m
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -54,12 +55,17 @@ class PackageConfig(Strict):
                                      "batch axis must lead every input and output and is left out of dims.")
     dynamic_batching: DynamicBatching | None = None
     instance_count: int = Field(default=1, ge=1)
+    server_backend: Literal["native", "python"] = Field(
+        default="native", description="native: Triton's own backend for the engine (onnxruntime or tensorrt, as in "
+        "NVIDIA's server containers); python: Triton's Python backend running the ONNX Runtime engine through a "
+        "model.py, for servers built without the onnxruntime backend (such as the one inside nvidia-pytriton).")
 
     @model_validator(mode="after")
     def _batching(self) -> PackageConfig:
-        if self.format == "genai" and (self.max_batch_size or self.dynamic_batching or self.instance_count != 1):
-            raise ValueError("max_batch_size, dynamic_batching and instance_count are Triton settings; format genai "
-                             "takes none of them (onnxruntime-genai batches in its own loop)")
+        if self.format == "genai" and (self.max_batch_size or self.dynamic_batching or self.instance_count != 1
+                                       or self.server_backend != "native"):
+            raise ValueError("max_batch_size, dynamic_batching, instance_count and server_backend are Triton "
+                             "settings; format genai takes none of them (onnxruntime-genai batches in its own loop)")
         if self.dynamic_batching is not None:
             if self.max_batch_size == 0:
                 raise ValueError("dynamic_batching needs max_batch_size > 0 (Triton batches only models that "
@@ -77,6 +83,7 @@ class PackageStage(Stage):
     version = 2
     verified = False
     memory_factor = 0.0
+    disk_factor = 0.0  # model files are hard links to the engine's
 
     @property
     def model_name(self) -> str:
@@ -104,12 +111,16 @@ class PackageStage(Stage):
             inputs = [GraphInput(t["name"], tuple(t["dims"]), t["dtype"]) for t in serving["tensors"]["inputs"]]
             outputs = [GraphInput(t["name"], tuple(t["dims"]), t["dtype"]) for t in serving["tensors"]["outputs"]]
         spec = self.spec
+        if spec.server_backend == "python" and serving["triton_backend"] != "onnxruntime":
+            raise RecipeError(f"{self.ctx.recipe.path}: stages.package: server_backend python runs an ONNX Runtime "
+                              f"engine; this engine is {serving['triton_backend']}: set server_backend: native")
         batching = spec.dynamic_batching.model_dump(mode="json") if spec.dynamic_batching else None
         return TritonModel(name=self.model_name, backend=serving["triton_backend"], max_batch_size=spec.max_batch_size,
                            inputs=triton_tensors(inputs, spec.max_batch_size),
                            outputs=triton_tensors(outputs, spec.max_batch_size), instance_count=spec.instance_count,
                            dynamic_batching=batching, profiles=tuple(serving.get("profiles", ())),
-                           parameters=dict(serving.get("parameters", {})), graph_level=serving.get("graph_level"))
+                           parameters=dict(serving.get("parameters", {})), graph_level=serving.get("graph_level"),
+                           server_backend=spec.server_backend)
 
     def _upstream(self, engine: Entry) -> list[Entry]:
         chain: list[Entry] = []
@@ -209,7 +220,7 @@ class PackageStage(Stage):
         return manifest
 
     def build(self, parent: Entry | None, out: Path) -> dict[str, Any]:
-        from ..triton import render_config
+        from ..triton import PYTHON_MODEL, render_config
 
         if parent is None:
             raise StageError("package needs an engine from the stage before it")
@@ -221,8 +232,12 @@ class PackageStage(Stage):
         for name in self._serving(parent)["files"]:
             link_or_copy(parent.file(name), version / name)
         (folder / "config.pbtxt").write_text(render_config(model))
-        manifest = self._manifest(folder, parent, format="triton", model=model.name, backend=model.backend)
+        if model.server_backend == "python":
+            shutil.copyfile(Path(__file__).resolve().parents[1] / "triton_python_model.py", version / PYTHON_MODEL)
+        manifest = self._manifest(folder, parent, format="triton", model=model.name, backend=model.backend,
+                                  server_backend=model.server_backend)
         return {"artifact": artifact_record("package"), "model": model.name, "backend": model.backend,
+                "server_backend": model.server_backend,
                 "repository": REPOSITORY,
                 "files": sorted(manifest["files"]), "max_batch_size": model.max_batch_size}
 
@@ -236,6 +251,19 @@ class PackageStage(Stage):
         notes: list[str] = []
         manifest = self._check_manifest(folder, parent, failures, prefix="1/")
         metrics: dict[str, Any] = {"files": len(manifest["files"])}
+        if meta.get("server_backend") == "python":
+            import ast
+
+            from ..triton import PYTHON_MODEL
+
+            try:
+                tree = ast.parse((folder / "1" / PYTHON_MODEL).read_text(), PYTHON_MODEL)
+            except (OSError, SyntaxError) as exc:
+                failures.append(f"1/{PYTHON_MODEL} cannot be read as Python: {exc}")
+            else:
+                if not any(isinstance(n, ast.ClassDef) and n.name == "TritonPythonModel" for n in tree.body):
+                    failures.append(f"1/{PYTHON_MODEL} defines no TritonPythonModel class")
+            notes.append("served by Triton's Python backend: 1/model.py runs the engine's file with ONNX Runtime")
         try:
             from ..triton import parse_config
 

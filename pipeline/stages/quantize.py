@@ -173,6 +173,7 @@ class QuantizeStage(Stage):
     version = 5
     memory_factor = 4.0
     changes_reference = True
+    disk_factor = 1.0  # the quantized checkpoint, at most the float32 model's size
 
     def memory_multiple(self) -> float:
         """RTN: the model, its quantized twin and the evaluation (1.89 measured on 0.85 B); the calibrating
