@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RECIPE ?= recipes/tiny-llama.yaml
 PYTEST_ARGS ?=
+# unit-tier workers (pytest-xdist): one per core, at most 4 (each holds a model or two)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 # Triton's server (inside nvidia-pytriton, which needs numpy<2) in an environment of its own
@@ -29,7 +31,7 @@ plan: $(STAMP)
 	$(BIN)/enginewright plan $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real and not scale and not heavy and not servers" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not real and not scale and not heavy and not servers" $(PYTEST_ARGS)
 
 # the recipes on a real pretrained model (SmolLM2-135M from a GGUF in a PyPI package), end to end, and the
 # packages run by their real servers (test-servers alone runs only those)

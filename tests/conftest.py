@@ -86,3 +86,17 @@ def method_cli(tmp_path_factory):
 
     run.cache = cache  # type: ignore[attr-defined]
     return run
+
+
+# `make test` runs the unit tier on every core (pytest-xdist, --dist loadgroup). Each file is one group, so a
+# module's fixtures are built once; files that share a session fixture share a group, so it is built once too.
+SHARED_FIXTURE_GROUPS = {
+    "test_failures": "method_cli", "test_quant_methods": "method_cli",
+    "test_fusion": "shipped_run", "test_pipeline": "shipped_run", "test_policy": "shipped_run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(module, module)))

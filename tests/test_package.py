@@ -186,6 +186,23 @@ def test_tensorrt_config_uses_gpu_instances_and_every_profile():
     assert not config.HasField("dynamic_batching")
 
 
+def test_python_backend_config_names_the_engine_file_and_no_platform():
+    from pipeline.tensorrt.profiles import GraphInput
+    from pipeline.triton import TritonModel, parse_config, render_config, triton_tensors
+
+    inputs = [GraphInput("input_ids", ("batch", "sequence"), "INT64")]
+    outputs = [GraphInput("logits", ("batch", "sequence", 64), "FLOAT")]
+    model = TritonModel(name="m", backend="onnxruntime", max_batch_size=4, inputs=triton_tensors(inputs, 4),
+                        outputs=triton_tensors(outputs, 4), graph_level=2, server_backend="python",
+                        parameters={"intra_op_thread_count": "2", "execution_mode": "0"})
+    config = parse_config(render_config(model))
+    assert (config.platform, config.backend) == ("", "python")
+    assert not config.HasField("optimization")  # the onnxruntime backend's setting; model.py opens it unoptimized
+    assert {k: v.string_value for k, v in config.parameters.items()} == {"model_file": "model.onnx",
+                                                                         "intra_op_thread_count": "2"}
+    assert mc.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+
+
 def test_batching_needs_the_batch_axis_first():
     from pipeline.tensorrt.profiles import GraphInput
     from pipeline.triton import triton_tensors

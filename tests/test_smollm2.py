@@ -65,7 +65,7 @@ def test_triton_server_runs_the_real_model(cache, tmp_path):
     triton_env()
     recipe = python_backend_recipe(ROOT / "recipes" / "smollm2-triton.yaml", tmp_path / "smollm2-triton.yaml")
     result = Pipeline.from_recipe(recipe, cache_dir=cache).run()
-    assert result.ok and [s.cached for s in result.stages[:4]] == [True] * 4
+    assert result.ok  # its export, simplify and engine are the FP32 recipe's when that ran first
     prompt, expected = pytorch_tokens(Path(result.stage("load").artifact), "The capital of France is", 16)
     (served,), _ = served_tokens(result, tmp_path, prompt, 16)
     assert served == expected
